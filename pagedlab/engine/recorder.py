@@ -1,0 +1,156 @@
+"""Per-step and per-sequence records, and the run summary, exactly as design.md defines them.
+
+Per step (over sequences resident in device memory, after the step's allocations):
+T token slots (shared once), A allocated slots, X external fragmentation,
+memory_waste = (A - T + X) / (A + X), kv_utilization = T / C. The run's memory_waste is the mean
+over decode steps (steps in which at least one sequence decodes). After the run, A - T is split
+into `reserved` (slots their owner fills later) and `internal_frag` (never filled) using each
+sequence's final length.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from pagedlab.engine.request import GroupStatus, SequenceGroup
+
+STEP_COLUMNS = [
+    "step", "time", "step_time", "batch_size", "num_prefill_seqs", "num_decode_seqs", "num_tokens",
+    "num_waiting", "num_running", "num_swapped", "free_blocks", "used_blocks", "cached_blocks",
+    "token_slots", "allocated_slots", "external_frag", "logical_blocks", "memory_waste",
+    "kv_utilization", "num_preempted", "block_copies", "fork_copies", "swap_out_blocks",
+    "swap_in_blocks", "recomputed_tokens", "prefix_hit_tokens",
+]
+
+
+class Recorder:
+    """Collects step rows and finished groups during a run; builds DataFrames and the summary."""
+
+    def __init__(self, num_blocks: int, block_size: int, time_source: str) -> None:
+        self.capacity = num_blocks * block_size
+        self.block_size = block_size
+        self.time_source = time_source
+        self.rows: list[tuple] = []
+        self.tails: list[list[tuple[int, int, int]]] = []  # per step: (seq_id, tokens, capacity)
+        self.groups: list[SequenceGroup] = []
+
+    def record_step(self, row: dict[str, Any], tails: list[tuple[int, int, int]]) -> dict[str, Any]:
+        a, t, x = row["allocated_slots"], row["token_slots"], row["external_frag"]
+        row["memory_waste"] = (a - t + x) / (a + x) if a + x else 0.0
+        row["kv_utilization"] = t / self.capacity
+        self.rows.append(tuple(row[c] for c in STEP_COLUMNS))
+        self.tails.append(tails)
+        return row
+
+    def record_group(self, group: SequenceGroup) -> None:
+        self.groups.append(group)
+
+    # -- after the run ----------------------------------------------------------------------------
+    def steps_frame(self, final_slots: dict[int, int]) -> pd.DataFrame:
+        steps = pd.DataFrame.from_records(self.rows, columns=STEP_COLUMNS)
+        reserved = np.zeros(len(steps), dtype=np.int64)
+        for i, tails in enumerate(self.tails):
+            if tails:
+                ids, lens, caps = zip(*tails)
+                finals = np.fromiter((final_slots.get(s, n) for s, n in zip(ids, lens)), np.int64, len(ids))
+                reserved[i] = np.clip(np.minimum(finals, caps) - np.asarray(lens), 0, None).sum()
+        steps["reserved_slots"] = reserved
+        steps["internal_frag"] = steps["allocated_slots"] - steps["token_slots"] - reserved
+        return steps
+
+    def requests_frame(self) -> pd.DataFrame:
+        rows = []
+        for g in sorted(self.groups, key=lambda g: g.order):  # in arrival order, not finish order
+            req = g.request
+            seqs = g.done or g.seqs
+            for rank, seq in enumerate(seqs):
+                out_len = seq.output_len
+                ttft = None if g.first_token_time is None else g.first_token_time - req.arrival_time
+                latency = None if g.finish_time is None else g.finish_time - req.arrival_time
+                tpot = None
+                if out_len > 1 and g.finish_time is not None and g.first_token_time is not None:
+                    tpot = (g.finish_time - g.first_token_time) / (out_len - 1)
+                rows.append({
+                    "request_id": req.request_id,
+                    "seq_index": rank,
+                    "status": g.status.value,
+                    "finish_reason": g.reject_reason if g.status is GroupStatus.REJECTED else seq.finish_reason,
+                    "prompt_len": req.prompt_len,
+                    "output_len": out_len,
+                    "max_tokens": req.sampling.max_tokens,
+                    "n": req.sampling.n,
+                    "beam_width": req.sampling.beam_width,
+                    "arrival_time": req.arrival_time,
+                    "first_token_time": g.first_token_time,
+                    "finish_time": g.finish_time,
+                    "ttft": ttft,
+                    "tpot": tpot,
+                    "latency": latency,
+                    "normalized_latency": latency / out_len if latency is not None and out_len else None,
+                    "num_preemptions": g.num_preemptions,
+                    "cumulative_logprob": seq.cum_logprob,
+                    "output_token_ids": seq.tokens[seq.prompt_len:],
+                })
+        df = pd.DataFrame(rows)
+        if len(df) and df["request_id"].map(type).nunique() > 1:  # parquet needs one type: ids as text
+            df["request_id"] = df["request_id"].astype(str)
+        return df
+
+
+def summarize(steps: pd.DataFrame, requests: pd.DataFrame, time_source: str) -> dict[str, Any]:
+    """The run summary: the keys listed in design.md, plus a few breakdowns."""
+    decode = steps[steps["num_decode_seqs"] > 0]
+    if decode.empty:
+        decode = steps
+    done = requests[requests["status"] == GroupStatus.FINISHED.value] if len(requests) else requests
+    first_rows = done[done["seq_index"] == 0] if len(done) else done
+    generated = int(done["output_len"].sum()) if len(done) else 0
+    start = float(requests["arrival_time"].min()) if len(requests) else 0.0
+    end = float(done["finish_time"].max()) if len(done) else 0.0
+    makespan = max(end - start, 1e-12)
+    denom = (decode["allocated_slots"] + decode["external_frag"]).replace(0, np.nan)
+
+    def pct(col: str, q: float) -> float:
+        vals = first_rows[col].dropna() if len(first_rows) else []
+        return float(np.percentile(vals, q)) if len(vals) else float("nan")
+
+    def mean_share(col: pd.Series) -> float:
+        share = (col / denom).dropna()
+        return float(share.mean()) if len(share) else 0.0
+
+    logical = decode["logical_blocks"].sum()
+    num_rejected = int((requests["status"] == GroupStatus.REJECTED.value).sum()) if len(requests) else 0
+    return {
+        "memory_waste": float(decode["memory_waste"].mean()) if len(decode) else 0.0,
+        "token_states_share": mean_share(decode["token_slots"]),
+        "reserved_share": mean_share(decode["reserved_slots"]),
+        "internal_frag_share": mean_share(decode["internal_frag"]),
+        "external_frag_share": mean_share(decode["external_frag"]),
+        "kv_utilization_mean": float(steps["kv_utilization"].mean()) if len(steps) else 0.0,
+        "kv_utilization_max": float(steps["kv_utilization"].max()) if len(steps) else 0.0,
+        "batch_size_mean": float(steps["batch_size"].mean()) if len(steps) else 0.0,
+        "batch_size_max": int(steps["batch_size"].max()) if len(steps) else 0,
+        "throughput_tok_s": generated / makespan if generated else 0.0,
+        "requests_per_s": len(first_rows) / makespan if generated else 0.0,
+        "ttft_p50": pct("ttft", 50),
+        "ttft_p99": pct("ttft", 99),
+        "tpot_p50": pct("tpot", 50),
+        "normalized_latency_mean": float(first_rows["normalized_latency"].mean()) if len(first_rows) else 0.0,
+        "num_preemptions": int(steps["num_preempted"].sum()),
+        "recomputed_tokens": int(steps["recomputed_tokens"].sum()),
+        "swapped_out_blocks": int(steps["swap_out_blocks"].sum()),
+        "swapped_in_blocks": int(steps["swap_in_blocks"].sum()),
+        "cow_copies": int(steps["block_copies"].sum()),
+        "fork_copies": int(steps["fork_copies"].sum()),
+        "sharing_saving": float(1 - decode["used_blocks"].sum() / logical) if logical else 0.0,
+        "prefix_hit_tokens": int(steps["prefix_hit_tokens"].sum()),
+        "num_rejected": num_rejected,
+        "num_finished": int(len(first_rows)),
+        "generated_tokens": generated,
+        "num_steps": int(len(steps)),
+        "makespan_s": makespan if generated else 0.0,
+        "time_source": time_source,
+    }

@@ -1,0 +1,128 @@
+"""Choosing next tokens: from real logits (greedy, temperature / top-k / top-p, beams), or, for the
+simulator, from a seeded RNG so that samples diverge and beams really fork and die.
+
+Both choosers answer three questions for the engine, per step:
+`sample(group, row)` one next token; `sample_n(group, row, n)` n tokens from one row (the first
+step of parallel sampling); `beam(group, rows, k, first)` the best (parent index, token, score)
+continuations over the group's beams, best first (2k of them, so that k survive EOS).
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from pagedlab.engine.request import SequenceGroup
+
+if TYPE_CHECKING:
+    import torch
+
+Candidate = tuple[int, int, float]  # (parent beam index, token, cumulative log-prob)
+
+
+def group_seed(seed: int | None, base_seed: int, request_id: Any) -> int:
+    """The request's own seed, or one derived from the run seed and the request id."""
+    if seed is not None:
+        return int(seed)
+    return (base_seed * 1_000_003 + zlib.crc32(str(request_id).encode())) % (2**63)
+
+
+class SimChooser:
+    """Token choices without a model: uniform random tokens from a per-request seeded RNG."""
+
+    def __init__(self, vocab_size: int, base_seed: int = 0) -> None:
+        self.vocab_size = vocab_size
+        self.base_seed = base_seed
+        self._rngs: dict[Any, np.random.Generator] = {}
+
+    def _rng(self, group: SequenceGroup) -> np.random.Generator:
+        rng = self._rngs.get(group.request_id)
+        if rng is None:
+            seed = group_seed(group.sampling.seed, self.base_seed, group.request_id)
+            rng = self._rngs[group.request_id] = np.random.default_rng(seed)
+        return rng
+
+    def begin_step(self, logits: Any) -> None:
+        pass
+
+    def sample(self, group: SequenceGroup, row: int) -> int:
+        return int(self._rng(group).integers(self.vocab_size))
+
+    def sample_n(self, group: SequenceGroup, row: int, n: int) -> list[int]:
+        return self._rng(group).integers(self.vocab_size, size=n).tolist()
+
+    def beam(self, group: SequenceGroup, rows: list[int], k: int, first: bool) -> list[Candidate]:
+        rng = self._rng(group)
+        parents = np.zeros(2 * k, dtype=int) if first else rng.integers(len(rows), size=2 * k)
+        tokens = rng.integers(self.vocab_size, size=2 * k)
+        return [(int(p), int(t), 0.0) for p, t in zip(sorted(parents), tokens)]
+
+    def release(self, group: SequenceGroup) -> None:
+        self._rngs.pop(group.request_id, None)
+
+
+class LogitsChooser:
+    """Token choices from a step's last-token logits ([num_seqs, vocab], fp32)."""
+
+    def __init__(self, base_seed: int = 0) -> None:
+        self.base_seed = base_seed
+        self._gens: dict[Any, torch.Generator] = {}
+        self.logits: torch.Tensor | None = None
+        self._argmax: list[int] = []
+
+    def begin_step(self, logits: torch.Tensor) -> None:
+        self.logits = logits
+        self._argmax = logits.argmax(dim=-1).tolist()  # one vectorised pass serves every greedy row
+
+    def _gen(self, group: SequenceGroup) -> torch.Generator:
+        import torch
+
+        gen = self._gens.get(group.request_id)
+        if gen is None:
+            gen = torch.Generator(device=self.logits.device)
+            gen.manual_seed(group_seed(group.sampling.seed, self.base_seed, group.request_id))
+            self._gens[group.request_id] = gen
+        return gen
+
+    def _probs(self, group: SequenceGroup, row: int) -> torch.Tensor:
+        import torch
+
+        p = group.sampling
+        logits = self.logits[row] / p.temperature
+        if p.top_k > 0 and p.top_k < logits.numel():
+            kth = torch.topk(logits, p.top_k).values[-1]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if p.top_p < 1.0:
+            sorted_logits, order = torch.sort(logits, descending=True)
+            cum = sorted_logits.softmax(-1).cumsum(-1)
+            drop = cum - sorted_logits.softmax(-1) > p.top_p  # keep the smallest set reaching top_p
+            logits = logits.scatter(0, order[drop], float("-inf"))
+        return logits.softmax(-1)
+
+    def sample(self, group: SequenceGroup, row: int) -> int:
+        if group.sampling.greedy:
+            return self._argmax[row]
+        return int(self._probs(group, row).multinomial(1, generator=self._gen(group)))
+
+    def sample_n(self, group: SequenceGroup, row: int, n: int) -> list[int]:
+        if group.sampling.greedy:
+            return [self._argmax[row]] * n
+        return self._probs(group, row).multinomial(n, replacement=True, generator=self._gen(group)).tolist()
+
+    def beam(self, group: SequenceGroup, rows: list[int], k: int, first: bool) -> list[Candidate]:
+        """The 2k best (beam, token) pairs by cumulative log-prob, as Hugging Face's beam search
+        ranks them; on the first step only beam 0 is expanded (the others are its copies)."""
+        import torch
+
+        rows = rows[:1] if first else rows
+        logprobs = torch.log_softmax(self.logits[rows].float(), dim=-1)
+        cum = torch.tensor([s.cum_logprob for s in group.seqs[: len(rows)]], dtype=logprobs.dtype)
+        scores = (logprobs + cum[:, None]).flatten()
+        top = torch.topk(scores, min(2 * k, scores.numel()))
+        vocab = logprobs.shape[-1]
+        return [(int(i) // vocab, int(i) % vocab, float(v)) for v, i in zip(top.values, top.indices)]
+
+    def release(self, group: SequenceGroup) -> None:
+        self._gens.pop(group.request_id, None)

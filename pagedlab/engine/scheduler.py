@@ -1,0 +1,238 @@
+"""Iteration-level scheduling (continuous batching): admission, growth, preemption, swapping.
+
+Each step, in order:
+1. running groups (first come, first served) each get one more slot per sequence; when the block
+   manager cannot give one, a victim is preempted (`eviction.victim`) by recompute or swap
+   (`eviction.mode`) until it can, the current group itself being the last resort;
+2. swapped groups come back while they fit;
+3. only when no group waits in swap, waiting requests are admitted in arrival order while the
+   block manager can hold their prompts and `max_num_seqs` / `max_num_batched_tokens` allow.
+A request that can never fit is rejected with its reason and the run goes on.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from itertools import count
+
+from pagedlab.engine.request import GroupStatus, Sequence, SequenceGroup
+from pagedlab.kv import AllocStatus, BlockManager
+
+EVICTION_MODES = ("recompute", "swap")
+VICTIMS = ("newest", "lru", "largest")
+
+
+@dataclass
+class SchedulerOutput:
+    """What one step runs: the sequences per group, and the memory operations before it."""
+
+    scheduled: list[tuple[SequenceGroup, list[Sequence]]] = field(default_factory=list)
+    fork_copies: list[tuple[int, int]] = field(default_factory=list)
+    swap_out: list[tuple[int, int]] = field(default_factory=list)
+    swap_in: list[tuple[int, int]] = field(default_factory=list)
+    block_copies: list[tuple[int, int]] = field(default_factory=list)
+    rejected: list[SequenceGroup] = field(default_factory=list)
+    num_preempted: int = 0
+    num_swap_fallbacks: int = 0  # swap wanted but host space full: recomputed instead
+    recomputed_tokens: int = 0
+    prefix_hit_tokens: int = 0
+
+    @property
+    def num_seqs(self) -> int:
+        return sum(len(seqs) for _, seqs in self.scheduled)
+
+
+class Scheduler:
+    """Owns the waiting, running and swapped queues and drives the block manager."""
+
+    def __init__(
+        self,
+        block_manager: BlockManager,
+        *,
+        max_num_seqs: int = 256,
+        max_num_batched_tokens: int = 8192,
+        max_model_len: int | None = None,
+        eviction_mode: str = "recompute",
+        victim: str = "newest",
+    ) -> None:
+        if eviction_mode not in EVICTION_MODES:
+            raise ValueError(f"eviction.mode={eviction_mode!r} is not allowed; allowed: {', '.join(EVICTION_MODES)}")
+        if victim not in VICTIMS:
+            raise ValueError(f"eviction.victim={victim!r} is not allowed; allowed: {', '.join(VICTIMS)}")
+        self.bm = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_model_len = max_model_len
+        self.eviction_mode = eviction_mode
+        self.victim = victim
+        self.waiting: deque[SequenceGroup] = deque()
+        self.running: list[SequenceGroup] = []
+        self.swapped: deque[SequenceGroup] = deque()
+        self.pending_fork_copies: list[tuple[int, int]] = []
+        self.final_slots: dict[int, int] = {}  # seq_id -> slots it held when last freed
+        self._seq_ids = count()
+        self.step_index = 0
+
+    # -- queue API ------------------------------------------------------------------------------
+    def new_seq_id(self) -> int:
+        return next(self._seq_ids)
+
+    def add(self, group: SequenceGroup) -> None:
+        self.waiting.append(group)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running or self.swapped)
+
+    def free_seq(self, seq: Sequence) -> None:
+        """Release a sequence's blocks (finished, dropped beam, or preempted by recompute)."""
+        self.final_slots[seq.seq_id] = self.bm.num_tokens(seq.seq_id)
+        self.bm.free(seq.seq_id)
+
+    def fork(self, parent: Sequence) -> Sequence:
+        """A child sharing (or, with copying policies, copying) the parent's blocks."""
+        child = parent.fork(self.new_seq_id())
+        self.pending_fork_copies += self.bm.fork(parent.seq_id, child.seq_id)
+        return child
+
+    # -- one step ---------------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        self.step_index += 1
+        out = SchedulerOutput(fork_copies=self.pending_fork_copies)
+        self.pending_fork_copies = []
+        tokens_left = self.max_num_batched_tokens
+        tokens_left -= self._schedule_running(out)
+        if out.num_preempted:  # memory is short: grow what runs, bring nothing in
+            return out
+        self._schedule_swapped(out)
+        if not self.swapped:
+            self._admit_waiting(out, tokens_left)
+        return out
+
+    def _schedule_running(self, out: SchedulerOutput) -> int:
+        queue = deque(self.running)
+        kept: list[SequenceGroup] = []
+        num_tokens = 0
+        while queue:
+            group = queue.popleft()
+            ids = group.seq_ids()
+            while not self.bm.can_append(ids):
+                victim = self._pick_victim(queue, group)
+                self._preempt(victim, out)
+                if victim is group:
+                    break
+                queue.remove(victim)
+            else:
+                out.block_copies += self.bm.append_slots(ids, [s.tokens[-1] for s in group.seqs])
+                out.scheduled.append((group, list(group.seqs)))
+                num_tokens += len(ids)
+                kept.append(group)
+        self.running = kept
+        return num_tokens
+
+    def _schedule_swapped(self, out: SchedulerOutput) -> None:
+        num_seqs = sum(len(g.seqs) for g in self.running)
+        while self.swapped:
+            group = self.swapped[0]
+            ids = group.seq_ids()
+            if num_seqs + len(ids) > self.max_num_seqs or not self.bm.can_swap_in(ids):
+                break
+            self.swapped.popleft()
+            out.swap_in += self.bm.swap_in(ids)
+            group.status = GroupStatus.RUNNING
+            group.last_resident_step = self.step_index
+            self.running.append(group)
+            num_seqs += len(ids)
+            if self.bm.can_append(ids):  # else it grows next step (and may be preempted then)
+                out.block_copies += self.bm.append_slots(ids, [s.tokens[-1] for s in group.seqs])
+                out.scheduled.append((group, list(group.seqs)))
+
+    def _admit_waiting(self, out: SchedulerOutput, tokens_left: int) -> None:
+        num_seqs = sum(len(g.seqs) for g in self.running)
+        while self.waiting:
+            group = self.waiting[0]
+            reason = self._never_fits(group)
+            if reason is None:
+                group_seqs = max(len(group.seqs), group.sampling.num_seqs)
+                new_tokens = sum(len(s.tokens) for s in group.seqs)
+                if num_seqs + group_seqs > self.max_num_seqs or new_tokens > tokens_left:
+                    break
+                status = self._allocate(group, out)
+                if status is AllocStatus.LATER and (self.running or self.swapped):
+                    break
+                if status is AllocStatus.OK:
+                    self.waiting.popleft()
+                    num_seqs += len(group.seqs)
+                    tokens_left -= new_tokens
+                    continue
+                reason = (
+                    f"needs more KV blocks than the cache can give it ({self.bm.num_blocks} blocks, "
+                    "watermark included)"
+                )
+            self.waiting.popleft()
+            group.status = GroupStatus.REJECTED
+            group.reject_reason = reason
+            out.rejected.append(group)
+
+    def _never_fits(self, group: SequenceGroup) -> str | None:
+        req = group.request
+        if self.max_model_len is not None and req.final_len > self.max_model_len:
+            return f"prompt + max_tokens = {req.final_len} exceeds max_model_len={self.max_model_len}"
+        if req.prompt_len > self.max_num_batched_tokens:
+            return f"prompt of {req.prompt_len} tokens exceeds max_num_batched_tokens={self.max_num_batched_tokens}"
+        return None
+
+    def _allocate(self, group: SequenceGroup, out: SchedulerOutput) -> AllocStatus:
+        """Give the group's sequences their slots: a fresh prompt (then fork its samples or
+        beams), or, after preemption by recompute, every live sequence's tokens again."""
+        final_len = group.request.final_len
+        fresh = group.seqs[0].output_len == 0 and len(group.seqs) == 1
+        fork_count = group.sampling.num_seqs - 1 if fresh else 0
+        done: list[Sequence] = []
+        for seq in group.seqs:
+            status = self.bm.can_allocate(seq.tokens, final_len, num_seqs=1 + fork_count)
+            if status is not AllocStatus.OK:
+                for s in done:  # all or nothing
+                    self.bm.free(s.seq_id)
+                    s.num_computed = 0
+                return status
+            seq.num_computed = self.bm.allocate(seq.seq_id, seq.tokens, final_len)
+            out.prefix_hit_tokens += seq.num_computed
+            if seq.output_len > 0:
+                out.recomputed_tokens += len(seq.tokens) - seq.num_computed
+            done.append(seq)
+        for _ in range(fork_count):
+            child = self.fork(group.seqs[0])
+            child.ready = False
+            group.seqs.append(child)
+        group.status = GroupStatus.RUNNING
+        group.last_resident_step = self.step_index
+        self.running.append(group)
+        out.scheduled.append((group, [s for s in group.seqs if s.ready]))
+        return AllocStatus.OK
+
+    # -- preemption -------------------------------------------------------------------------------
+    def _pick_victim(self, unscheduled: deque[SequenceGroup], current: SequenceGroup) -> SequenceGroup:
+        candidates = [*unscheduled, current]
+        if self.victim == "newest":
+            return max(candidates, key=lambda g: g.arrival_time)
+        if self.victim == "lru":
+            return min(candidates, key=lambda g: g.last_resident_step)
+        return max(candidates, key=lambda g: sum(self.bm.num_tokens(i) for i in g.seq_ids()))
+
+    def _preempt(self, group: SequenceGroup, out: SchedulerOutput) -> None:
+        out.num_preempted += 1
+        group.num_preemptions += 1
+        ids = group.seq_ids()
+        if self.eviction_mode == "swap":
+            if self.bm.can_swap_out(ids):
+                out.swap_out += self.bm.swap_out(ids)
+                group.status = GroupStatus.SWAPPED
+                self.swapped.append(group)
+                return
+            out.num_swap_fallbacks += 1
+        for seq in group.seqs:
+            self.free_seq(seq)
+            seq.num_computed = 0
+        group.status = GroupStatus.WAITING
+        self.waiting.appendleft(group)

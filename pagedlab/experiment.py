@@ -1,0 +1,164 @@
+"""Build an engine from a composed config, run its workload, return a RunResult.
+
+The KV budget is fixed in bytes so that runs with different block sizes or allocators compete for
+the same memory: num_blocks = floor(budget_bytes / (block_size * kv_bytes_per_token)).
+`kv_cache.num_blocks` overrides the budget; otherwise the budget is `kv_cache.budget_gib`, or, when
+unset, derived as a serving engine does: device memory x gpu_memory_utilization - weights (the
+simulator uses the `hardware` preset; the torch executor the real device; on the CPU
+`kv_cache.cpu_budget_gib`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from pagedlab.engine.engine import Engine
+from pagedlab.engine.request import Request, SamplingParams
+from pagedlab.engine.result import RunResult
+from pagedlab.engine.sampler import LogitsChooser, SimChooser
+from pagedlab.engine.scheduler import Scheduler
+from pagedlab.executors.sim import SimExecutor
+from pagedlab.kv import BlockManager
+from pagedlab.models.presets import GIB, ModelSpec, hardware_spec, model_spec
+from pagedlab.workloads import synthetic_requests, trace_requests
+
+
+@dataclass
+class Built:
+    """Everything a run needs, built from the config."""
+
+    engine: Engine
+    requests: list[Request]
+    model: ModelSpec
+    num_blocks: int
+    num_swap_blocks: int
+
+
+def _get(cfg: Any, dotted: str, default: Any = None) -> Any:
+    node = cfg
+    for part in dotted.split("."):
+        node = node.get(part) if hasattr(node, "get") else getattr(node, part, None)
+        if node is None:
+            return default
+    return node
+
+
+def num_blocks_for(budget_bytes: float, block_size: int, kv_bytes_per_token: int, what: str) -> int:
+    """Blocks a byte budget holds; a budget smaller than one block is an error."""
+    block_bytes = block_size * kv_bytes_per_token
+    n = math.floor(budget_bytes / block_bytes)
+    if n < 1:
+        raise ValueError(f"{what}={budget_bytes / GIB:.4g} GiB holds no block: one block of {block_size} tokens "
+                         f"needs {block_bytes} bytes ({kv_bytes_per_token} bytes per token)")
+    return n
+
+
+def sampling_defaults(cfg: Any) -> SamplingParams:
+    s = _get(cfg, "sampling", {}) or {}
+    fields = ("max_tokens", "temperature", "top_p", "top_k", "seed", "n", "beam_width", "ignore_eos")
+    return SamplingParams(**{k: s[k] for k in fields if k in s and s[k] is not None})
+
+
+def build_requests(cfg: Any, vocab_size: int, max_model_len: int) -> list[Request]:
+    w = _get(cfg, "workload")
+    seed = _get(cfg, "workload.seed", _get(cfg, "seed", 0))
+    defaults = sampling_defaults(cfg).updated(n=_get(cfg, "workload.n"), beam_width=_get(cfg, "workload.beam_width"))
+    if w.name == "trace":
+        if not _get(cfg, "workload.path"):
+            raise ValueError("workload=trace needs workload.path=<a .jsonl or .csv file>")
+        return trace_requests(w.path, seed=seed, vocab_size=vocab_size, defaults=defaults)
+    return synthetic_requests(
+        w.name, int(w.num_requests), seed=seed, vocab_size=vocab_size, defaults=defaults,
+        prompt_len=tuple(_get(cfg, "workload.prompt_len", (16, 128))),
+        output_len=tuple(_get(cfg, "workload.output_len", (16, 128))),
+        request_rate=_get(cfg, "workload.request_rate"),
+        shared_prefix_len=int(_get(cfg, "workload.shared_prefix_len", 0)),
+        max_model_len=max_model_len,
+    )
+
+
+def build(cfg: Any) -> Built:
+    """Instantiate block manager, scheduler, executor and token chooser from a composed config."""
+    block_size = int(cfg.block_size)
+    executor_name = _get(cfg, "executor.name", "sim")
+    max_model_len = int(_get(cfg, "max_model_len", 2048))
+    torch_parts = None
+    if executor_name == "sim":
+        spec = model_spec(_get(cfg, "model.name", "llama_13b"), _get(cfg, "model.dtype"))
+        hw = hardware_spec(_get(cfg, "hardware.name", "a100_40gb"))
+        default_budget = hw.memory_gib * GIB * float(_get(cfg, "kv_cache.gpu_memory_utilization", 0.9)) - spec.weight_bytes
+        budget_what = f"hardware={hw.name} x kv_cache.gpu_memory_utilization - weights"
+    elif executor_name == "torch":
+        from pagedlab.executors.torch_executor import load_for_engine
+
+        torch_parts = load_for_engine(cfg)
+        spec, default_budget = torch_parts.spec, torch_parts.default_budget_bytes
+        budget_what = torch_parts.budget_what
+    else:
+        raise ValueError(f"executor.name={executor_name!r} is not allowed; allowed: sim, torch")
+
+    budget_gib = _get(cfg, "kv_cache.budget_gib")
+    budget = budget_gib * GIB if budget_gib is not None else default_budget
+    num_blocks = _get(cfg, "kv_cache.num_blocks")
+    if num_blocks is None:
+        num_blocks = num_blocks_for(budget, block_size, spec.kv_bytes_per_token,
+                                    "kv_cache.budget_gib" if budget_gib is not None else budget_what)
+    swap_gib = float(_get(cfg, "kv_cache.swap_gib", 0.0))
+    num_swap = math.floor(swap_gib * GIB / (block_size * spec.kv_bytes_per_token))
+
+    bm = BlockManager(
+        int(num_blocks), block_size,
+        allocator=_get(cfg, "allocator.name", "paged"), order=_get(cfg, "allocator.order", "lifo"),
+        cow=bool(_get(cfg, "cow", True)), prefix_cache=bool(_get(cfg, "prefix_cache", False)),
+        num_swap_blocks=num_swap, max_model_len=max_model_len,
+        watermark_blocks=int(float(_get(cfg, "kv_cache.watermark", 0.01)) * int(num_blocks)),
+    )
+    scheduler = Scheduler(
+        bm, max_num_seqs=int(_get(cfg, "max_num_seqs", 256)),
+        max_num_batched_tokens=int(_get(cfg, "max_num_batched_tokens", 8192)),
+        max_model_len=max_model_len, eviction_mode=_get(cfg, "eviction.mode", "recompute"),
+        victim=_get(cfg, "eviction.victim", "newest"),
+    )
+    seed = int(_get(cfg, "seed", 0))
+    if torch_parts is None:
+        executor = SimExecutor(spec, hw, block_size)
+        chooser, eos = SimChooser(spec.vocab_size, seed), None
+    else:
+        executor = torch_parts.make_executor(int(num_blocks), block_size, num_swap)
+        chooser, eos = LogitsChooser(seed), torch_parts.eos_token_id
+    engine = Engine(bm, scheduler, executor, chooser, eos_token_id=eos)
+    requests = build_requests(cfg, spec.vocab_size, max_model_len)
+    return Built(engine, requests, spec, int(num_blocks), num_swap)
+
+
+def run_experiment(cfg: Any, progress: bool = True,
+                   on_step: Callable[[dict[str, Any]], None] | None = None) -> RunResult:
+    """Run the workload the config describes; returns summary, per-step and per-sequence tables."""
+    built = build(cfg)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(built.requests), desc="requests", unit="req", leave=False)
+    try:
+        result = built.engine.run(built.requests, progress=bar.update if bar else None, on_step=on_step)
+    finally:
+        if bar is not None:
+            bar.close()
+    result.summary.update(num_blocks=built.num_blocks, num_swap_blocks=built.num_swap_blocks,
+                          block_size=int(cfg.block_size), kv_bytes_per_token=built.model.kv_bytes_per_token)
+    result.config = _to_dict(cfg)
+    return result
+
+
+def _to_dict(cfg: Any) -> dict[str, Any]:
+    try:
+        from omegaconf import OmegaConf
+
+        return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+    except Exception:
+        return dict(cfg) if hasattr(cfg, "keys") else {}
+

@@ -1,0 +1,140 @@
+"""Model shapes and hardware specs: what the simulator's cost model and the KV budget need.
+
+Model presets follow the published configs (LLaMA, OPT); `tiny_llama` is the CPU-sized model the
+torch executor builds with random weights. Hardware numbers are vendor peak figures for dense
+bf16/fp16 math and HBM bandwidth; the cost model applies achievable-efficiency factors on top.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+GIB = 1024**3
+DTYPE_BYTES = {"float32": 4, "fp32": 4, "float16": 2, "fp16": 2, "bfloat16": 2, "bf16": 2}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The shape of a decoder-only transformer, enough to size its KV cache and cost a step."""
+
+    name: str
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    dtype: str = "float16"
+    gated_mlp: bool = True  # LLaMA-style SwiGLU (3 matrices) vs OPT's 2-matrix MLP
+    tied_embeddings: bool = False
+    max_position_embeddings: int = 2048
+
+    @property
+    def dtype_bytes(self) -> int:
+        return DTYPE_BYTES[self.dtype]
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """K and V of one token in every layer."""
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.dtype_bytes
+
+    @property
+    def num_params(self) -> int:
+        h, kvd = self.hidden_size, self.num_kv_heads * self.head_dim
+        qo = 2 * h * self.num_heads * self.head_dim
+        attn = qo + 2 * h * kvd
+        mlp = (3 if self.gated_mlp else 2) * h * self.intermediate_size
+        embed = self.vocab_size * h * (1 if self.tied_embeddings else 2)
+        return self.num_layers * (attn + mlp) + embed
+
+    @property
+    def weight_bytes(self) -> int:
+        return self.num_params * self.dtype_bytes
+
+
+@dataclass(frozen=True)
+class HardwareSpec:
+    """One accelerator: memory, peak dense FLOP/s, memory bandwidth, and achievable fractions."""
+
+    name: str
+    memory_gib: float
+    peak_tflops: float
+    hbm_gb_s: float
+    compute_efficiency: float = 0.6
+    bandwidth_efficiency: float = 0.8
+    step_overhead_s: float = 2e-3  # scheduling, kernel launches, sampling per engine step
+
+
+def _llama(name: str, layers: int, hidden: int, heads: int, kv: int, inter: int, **kw: Any) -> ModelSpec:
+    return ModelSpec(name, layers, hidden, heads, kv, hidden // heads, inter, kw.pop("vocab", 32000), **kw)
+
+
+def _opt(name: str, layers: int, hidden: int, heads: int) -> ModelSpec:
+    return ModelSpec(name, layers, hidden, heads, heads, hidden // heads, 4 * hidden, 50272,
+                     gated_mlp=False, tied_embeddings=True)
+
+
+MODEL_PRESETS: dict[str, ModelSpec] = {
+    "tiny_llama": ModelSpec("tiny_llama", 4, 128, 4, 2, 32, 256, 1024, dtype="float32",
+                            max_position_embeddings=4096),
+    "llama_7b": _llama("llama_7b", 32, 4096, 32, 32, 11008),
+    "llama_13b": _llama("llama_13b", 40, 5120, 40, 40, 13824),
+    "llama_70b": _llama("llama_70b", 80, 8192, 64, 8, 28672, max_position_embeddings=4096),
+    "llama3_8b": _llama("llama3_8b", 32, 4096, 32, 8, 14336, vocab=128256, dtype="bfloat16",
+                        max_position_embeddings=8192),
+    "opt_13b": _opt("opt_13b", 40, 5120, 40),
+    "opt_66b": _opt("opt_66b", 64, 9216, 72),
+    "opt_175b": _opt("opt_175b", 96, 12288, 96),
+}
+
+HARDWARE_PRESETS: dict[str, HardwareSpec] = {
+    "a100_40gb": HardwareSpec("a100_40gb", 40, 312, 1555),
+    "a100_80gb": HardwareSpec("a100_80gb", 80, 312, 2039),
+    "h100_80gb": HardwareSpec("h100_80gb", 80, 989, 3350),
+    "h200": HardwareSpec("h200", 139, 989, 4800),
+}
+
+
+def _lookup(table: dict, kind: str, name: str):
+    if name not in table:
+        raise ValueError(f"{kind}={name!r} is not a known preset; allowed: {', '.join(sorted(table))}")
+    return table[name]
+
+
+def model_spec(name: str, dtype: str | None = None) -> ModelSpec:
+    """A model preset by name, optionally with another dtype ("auto" keeps the preset's)."""
+    spec = _lookup(MODEL_PRESETS, "model", name)
+    if dtype and dtype != "auto":
+        if dtype not in DTYPE_BYTES:
+            raise ValueError(f"model.dtype={dtype!r} is not allowed; allowed: auto, {', '.join(DTYPE_BYTES)}")
+        spec = replace(spec, dtype=dtype)
+    return spec
+
+
+def hardware_spec(name: str) -> HardwareSpec:
+    return _lookup(HARDWARE_PRESETS, "hardware", name)
+
+
+def spec_from_hf_config(hf_config: Any, name: str, dtype: str = "float16") -> ModelSpec:
+    """A ModelSpec read off a Hugging Face config object (Llama, Qwen2, Mistral, OPT, ...)."""
+    c = hf_config
+    hidden = getattr(c, "hidden_size", None) or c.d_model
+    heads = c.num_attention_heads
+    head_dim = getattr(c, "head_dim", None) or hidden // heads
+    inter = getattr(c, "intermediate_size", None) or getattr(c, "ffn_dim", 4 * hidden)
+    return ModelSpec(
+        name=name,
+        num_layers=c.num_hidden_layers,
+        hidden_size=hidden,
+        num_heads=heads,
+        num_kv_heads=getattr(c, "num_key_value_heads", None) or heads,
+        head_dim=head_dim,
+        intermediate_size=inter,
+        vocab_size=c.vocab_size,
+        dtype=dtype,
+        gated_mlp=not hasattr(c, "ffn_dim"),
+        tied_embeddings=bool(getattr(c, "tie_word_embeddings", False)),
+        max_position_embeddings=getattr(c, "max_position_embeddings", 2048),
+    )

@@ -1,0 +1,169 @@
+"""Engine behaviour on the simulator: completion, preemption, determinism, sharing, rejection."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+from omegaconf import OmegaConf
+
+from pagedlab.experiment import build, run_experiment
+
+BASE = {
+    "block_size": 16, "cow": True, "prefix_cache": False, "seed": 0, "device": "cpu",
+    "max_num_seqs": 256, "max_num_batched_tokens": 8192, "max_model_len": 2048,
+    "kv_cache": {"budget_gib": None, "gpu_memory_utilization": 0.9, "num_blocks": None, "swap_gib": 4.0,
+                 "watermark": 0.01, "cpu_budget_gib": 0.25},
+    "allocator": {"name": "paged", "order": "lifo"},
+    "eviction": {"mode": "recompute", "victim": "newest"},
+    "kernel": {"name": "torch_gather"},
+    "executor": {"name": "sim"},
+    "model": {"name": "llama_13b", "name_or_path": None, "dtype": "auto"},
+    "hardware": {"name": "a100_40gb"},
+    "workload": {"name": "uniform", "num_requests": 24, "request_rate": None, "seed": None, "path": None,
+                 "prompt_len": [8, 40], "output_len": [4, 40], "n": None, "beam_width": None,
+                 "shared_prefix_len": 0},
+    "sampling": {"temperature": 0.0, "top_p": 1.0, "top_k": 0, "n": 1, "beam_width": 1, "max_tokens": 64,
+                 "ignore_eos": True, "seed": None},
+    "logger": {"name": "none"},
+}
+
+
+def make_cfg(**dotted):
+    """The sim config above with dotted overrides, e.g. make_cfg(**{"allocator.name": "contiguous_max"})."""
+    cfg = OmegaConf.create(copy.deepcopy(BASE))
+    for key, value in dotted.items():
+        OmegaConf.update(cfg, key, value, merge=False)
+    return cfg
+
+
+def run(**dotted):
+    return run_experiment(make_cfg(**dotted), progress=False)
+
+
+def finished_lengths(result):
+    df = result.requests[result.requests["status"] == "finished"]
+    return dict(zip(zip(df.request_id, df.seq_index), df.output_len))
+
+
+ALLOCATORS = ["paged", "contiguous_max", "contiguous_pow2", "contiguous_oracle"]
+
+
+@pytest.mark.parametrize("allocator", ALLOCATORS)
+def test_every_request_finishes_with_its_target_length(allocator):
+    built = build(make_cfg(**{"allocator.name": allocator}))
+    targets = {r.request_id: r.sampling.max_tokens for r in built.requests}
+    result = built.engine.run(built.requests)
+    df = result.requests
+    assert (df.status == "finished").all() and len(df) == len(targets)
+    assert all(df.output_len == df.request_id.map(targets))
+    assert all(len(t) == n for t, n in zip(df.output_token_ids, df.output_len))
+    assert built.engine.bm.stats().used_blocks == 0
+    assert result.summary["num_finished"] == len(targets)
+
+
+@pytest.mark.parametrize("mode", ["recompute", "swap"])
+@pytest.mark.parametrize("victim", ["newest", "lru", "largest"])
+def test_preemption_under_tiny_budget_keeps_lengths_and_leaks_nothing(mode, victim):
+    ample = run()
+    built = build(make_cfg(**{"kv_cache.num_blocks": 12, "eviction.mode": mode, "eviction.victim": victim}))
+    tight = built.engine.run(built.requests)
+    assert tight.summary["num_preemptions"] > 0
+    if mode == "swap":
+        assert tight.summary["swapped_out_blocks"] > 0 and tight.summary["swapped_in_blocks"] > 0
+    else:
+        assert tight.summary["recomputed_tokens"] > 0
+    assert finished_lengths(tight) == finished_lengths(ample)
+    stats = built.engine.bm.stats()
+    assert stats.used_blocks == 0 and stats.swapped_blocks == 0
+    built.engine.bm.check_invariants()
+
+
+@pytest.mark.parametrize("allocator", ALLOCATORS)
+def test_preemption_with_contiguous_and_paged_policies(allocator):
+    result = run(**{"kv_cache.num_blocks": 40, "allocator.name": allocator, "workload.num_requests": 16,
+                    "max_model_len": 128})
+    assert result.summary["num_finished"] == 16
+    assert (result.requests.output_len == result.requests.max_tokens).all()
+
+
+def test_same_seed_same_result_and_other_seed_differs():
+    cfg = {"sampling.temperature": 1.0, "workload.n": 2}
+    a, b = run(**cfg), run(**cfg)
+    assert a.requests.output_token_ids.tolist() == b.requests.output_token_ids.tolist()
+    assert a.summary == b.summary
+    c = run(**cfg, seed=1)
+    assert a.requests.output_token_ids.tolist() != c.requests.output_token_ids.tolist()
+
+
+def test_parallel_sampling_shares_blocks_with_cow_and_yields_same_tokens():
+    cfg = {"workload.n": 4, "workload.output_len": [20, 60], "workload.prompt_len": [40, 100]}
+    shared, copied = run(**cfg, cow=True), run(**cfg, cow=False)
+    assert shared.summary["sharing_saving"] > 0.05
+    assert copied.summary["sharing_saving"] == 0
+    assert shared.summary["cow_copies"] > 0 and copied.summary["fork_copies"] > 0
+    assert shared.steps.used_blocks.mean() < copied.steps.used_blocks.mean()
+    assert shared.requests.output_token_ids.tolist() == copied.requests.output_token_ids.tolist()
+    assert len(shared.requests) == 4 * 24
+
+
+@pytest.mark.parametrize("cow", [True, False])
+def test_beam_search_runs_with_and_without_cow(cow):
+    built = build(make_cfg(cow=cow, **{"workload.beam_width": 3, "workload.num_requests": 8}))
+    result = built.engine.run(built.requests)
+    df = result.requests
+    assert len(df) == 3 * 8 and (df.output_len == df.max_tokens).all()
+    assert result.summary["num_finished"] == 8
+    if cow:
+        assert result.summary["sharing_saving"] > 0.1
+    assert built.engine.bm.stats().used_blocks == 0
+
+
+def test_request_longer_than_cache_is_rejected_and_the_rest_finish(tmp_path):
+    trace = tmp_path / "trace.jsonl"
+    rows = ['{"prompt_len": 20, "max_tokens": 10}', '{"prompt_len": 400, "max_tokens": 10, "request_id": "huge"}',
+            '{"prompt_len": 30, "max_tokens": 5, "arrival_time": 0.5}']
+    trace.write_text("\n".join(rows) + "\n")
+    result = run(**{"workload.name": "trace", "workload.path": str(trace), "kv_cache.num_blocks": 10})
+    df = result.requests.set_index("request_id")
+    assert df.loc["huge", "status"] == "rejected" and "cache" in df.loc["huge", "finish_reason"]
+    assert result.summary["num_rejected"] == 1 and result.summary["num_finished"] == 2
+    assert df.loc["0", "output_len"] == 10 and df.loc["2", "output_len"] == 5
+    result.save(tmp_path / "run")  # mixed ids are written as text
+
+
+def test_prefix_cache_hits_a_shared_system_prompt():
+    cfg = {"workload.shared_prefix_len": 64, "workload.prompt_len": [80, 120], "workload.request_rate": 50.0}
+    off, on = run(**cfg), run(**cfg, prefix_cache=True)
+    assert off.summary["prefix_hit_rate"] == 0
+    assert on.summary["prefix_hit_rate"] > 0.3
+    assert finished_lengths(on) == finished_lengths(off)
+
+
+def test_memory_accounting_splits_waste_exactly():
+    result = run(**{"allocator.name": "contiguous_pow2"})
+    s = result.steps
+    assert (s.token_slots + s.reserved_slots + s.internal_frag == s.allocated_slots).all()
+    assert (s.reserved_slots >= 0).all() and (s.internal_frag >= 0).all()
+    total = result.summary
+    parts = total["token_states_share"] + total["reserved_share"] + total["internal_frag_share"] + total[
+        "external_frag_share"]
+    assert parts == pytest.approx(1.0)
+    assert 1 - total["memory_waste"] == pytest.approx(total["token_states_share"])
+
+
+def test_poisson_arrivals_and_latency_metrics():
+    result = run(**{"workload.request_rate": 5.0})
+    s = result.summary
+    assert s["time_source"] == "modelled"
+    assert s["throughput_tok_s"] > 0 and s["ttft_p50"] > 0 and s["normalized_latency_mean"] > 0
+    assert (result.requests.arrival_time.diff().dropna() >= 0).all()
+
+
+def test_paper_scale_memory_waste_paged_vs_contiguous_max():
+    cfg = {"workload.name": "sharegpt_like", "workload.num_requests": 300}
+    paged = run(**cfg).summary
+    orca_max = run(**cfg, **{"allocator.name": "contiguous_max"}).summary
+    assert paged["memory_waste"] < 0.04
+    assert 0.12 < 1 - orca_max["memory_waste"] < 0.30
+    assert paged["batch_size_mean"] > 2 * orca_max["batch_size_mean"]
