@@ -1,0 +1,153 @@
+"""Run loggers: ``logger=wandb`` (offline by default, never touches the network unless asked) and
+``logger=none``. Local results are the record; W&B is a mirror, so a logger that cannot start or
+fails mid-run warns and steps aside.
+
+    logger = make_logger(cfg, run_dir, group="sweep-x", name="block_size=8", job_num=0)
+    try:
+        result = run_experiment(cfg, on_step=logger.log_step)
+        logger.log_result(result)
+    finally:
+        logger.finish()
+"""
+
+from __future__ import annotations
+
+import math
+import netrc
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Protocol
+from urllib.parse import urlparse
+
+import pandas as pd
+from omegaconf import DictConfig, OmegaConf
+
+from pagedlab.config import COMPONENTS
+
+
+class RunLogger(Protocol):
+    def log_step(self, row: dict[str, Any]) -> None: ...
+    def log_result(self, result: Any) -> None: ...
+    def finish(self, exit_code: int = 0) -> None: ...
+
+
+class NullLogger:
+    """``logger=none``: local results only."""
+
+    def log_step(self, row: dict[str, Any]) -> None:
+        pass
+
+    def log_result(self, result: Any) -> None:
+        pass
+
+    def finish(self, exit_code: int = 0) -> None:
+        pass
+
+
+def _warn(msg: str) -> None:
+    warnings.warn(msg, RuntimeWarning, stacklevel=3)
+
+
+def has_api_key() -> bool:
+    """A W&B API key in the environment or ~/.netrc (checked without the network)."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or "api.wandb.ai"
+    try:
+        return netrc.netrc().authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def _numeric(row: dict[str, Any]) -> dict[str, float]:
+    out = {}
+    for k, v in row.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            continue
+        if not (isinstance(v, float) and math.isnan(v)):
+            out[k] = v
+    return out
+
+
+def request_table_frame(requests: pd.DataFrame) -> pd.DataFrame:
+    """Per-request stats for a W&B table: token-id lists become their lengths."""
+    df = requests.copy()
+    for col in df.columns:
+        if df[col].map(lambda v: hasattr(v, "__len__") and not isinstance(v, str)).any():
+            df[f"{col.removesuffix('_ids')}_count" if col.endswith("_ids") else f"{col}_len"] = df[col].map(
+                lambda v: len(v) if hasattr(v, "__len__") else 0)
+            df = df.drop(columns=col)
+    return df
+
+
+class WandbLogger:
+    """One W&B run per job; per-step metrics with step = engine step; summary; request table."""
+
+    def __init__(self, cfg: DictConfig, run_dir: Path, *, group: str, name: str, mode: str) -> None:
+        import wandb
+
+        self._wandb = wandb
+        self.mode = mode
+        os.environ.setdefault("WANDB_SILENT", "true")
+        if mode != "online":
+            os.environ["WANDB_MODE"] = mode  # belt and braces: child processes stay offline too
+        wb_dir = Path(run_dir)
+        wb_dir.mkdir(parents=True, exist_ok=True)
+        choices = {c: str(OmegaConf.select(cfg, f"{c}.name", default=c)) for c in COMPONENTS}
+        tags = [f"{c}={v}" for c, v in choices.items()] + [str(t) for t in cfg.logger.tags]
+        self.run = wandb.init(
+            project=cfg.logger.project, entity=cfg.logger.entity, group=group[:128], name=name[:128],
+            job_type=f"{choices['executor']}-{choices['allocator']}"[:64], tags=[t[:64] for t in tags],
+            config=OmegaConf.to_container(cfg, resolve=True), dir=str(wb_dir), mode=mode, reinit="create_new",
+            settings=wandb.Settings(silent=True, console="off", x_disable_stats=True, disable_git=True,
+                                    save_code=False),
+        )
+        self._broken = False
+
+    def _safely(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> None:
+        if self._broken:
+            return
+        try:
+            fn(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - W&B is a mirror: never fail the run for it
+            self._broken = True
+            _warn(f"W&B {what} failed ({type(exc).__name__}: {exc}); W&B logging stops, local results are kept")
+
+    def log_step(self, row: dict[str, Any]) -> None:
+        data = _numeric(row)
+        step = data.pop("step", None)
+        self._safely("log", self.run.log, data, step=int(step) if step is not None else None)
+
+    def log_result(self, result: Any) -> None:
+        def write() -> None:
+            for k, v in result.summary.items():
+                self.run.summary[k] = v
+            if len(result.requests):
+                self.run.log({"requests": self._wandb.Table(dataframe=request_table_frame(result.requests))})
+
+        self._safely("summary", write)
+
+    def finish(self, exit_code: int = 0) -> None:
+        try:
+            self.run.finish(exit_code=exit_code)
+        except Exception as exc:  # noqa: BLE001
+            _warn(f"W&B finish failed ({type(exc).__name__}: {exc}); local results are kept")
+
+
+def make_logger(cfg: DictConfig, run_dir: str | Path, *, group: str, name: str) -> RunLogger:
+    """The configured logger; W&B problems (not installed, cannot start) warn and give a NullLogger."""
+    if cfg.logger.name != "wandb" or cfg.logger.mode == "disabled":
+        return NullLogger()
+    mode = cfg.logger.mode
+    if mode == "online" and not has_api_key():
+        _warn("logger.mode=online but no W&B API key (WANDB_API_KEY or `wandb login`): logging offline; "
+              "upload later with `wandb sync`")
+        mode = "offline"
+    try:
+        return WandbLogger(cfg, Path(run_dir), group=group, name=name, mode=mode)
+    except ImportError:
+        _warn("logger=wandb but wandb is not installed (pip install wandb); continuing with local results only")
+    except Exception as exc:  # noqa: BLE001
+        _warn(f"W&B could not start ({type(exc).__name__}: {exc}); continuing with local results only")
+    return NullLogger()

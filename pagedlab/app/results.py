@@ -1,0 +1,147 @@
+"""Runs as pandas rows: load run dirs / sweep dirs / globs, flatten configs, compare groups.
+
+One row per run: ``run_dir``, ``job``, ``overrides`` (the command-line overrides), one column per
+config group choice (``allocator``, ``model``, ...; ``experiment`` if used), the summary metrics
+(``memory_waste``, ...) and the flattened config (``block_size``, ``allocator.name``, ...).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+
+METRICS = [
+    "memory_waste", "kv_utilization_mean", "kv_utilization_max", "batch_size_mean", "batch_size_max",
+    "throughput_tok_s", "requests_per_s", "ttft_p50", "ttft_p99", "tpot_p50", "normalized_latency_mean",
+    "num_preemptions", "recomputed_tokens", "swapped_out_blocks", "swapped_in_blocks", "cow_copies",
+    "sharing_saving", "prefix_hit_rate", "num_rejected", "num_finished", "time_source",
+]
+HEADLINE = ["memory_waste", "kv_utilization_mean", "batch_size_mean", "throughput_tok_s", "num_preemptions",
+            "sharing_saving", "num_finished", "time_source"]
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dict -> dotted keys; lists become JSON text so every column stays scalar."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = _scalar(value)
+    return out
+
+
+def _scalar(value: Any) -> Any:
+    if isinstance(value, (list, tuple, dict)):
+        return json.dumps(value, default=str)
+    return value
+
+
+def override_key(override: str) -> str:
+    """``+experiment=x`` -> ``experiment``; ``~a.b`` -> ``a.b``."""
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def make_row(summary: Mapping[str, Any], config: Mapping[str, Any], *, choices: Mapping[str, Any] | None = None,
+             overrides: Sequence[str] = (), run_dir: str | None = None, job: int | None = None) -> dict[str, Any]:
+    """One results row: run info, override columns, choices, summary metrics, flattened config."""
+    flat = flatten(config)
+    choices = {k: v for k, v in (choices or {}).items() if not k.startswith("hydra")}
+    row: dict[str, Any] = {"run_dir": run_dir, "job": job, "overrides": " ".join(overrides)}
+    for ov in overrides:
+        key = override_key(ov)
+        if not key.startswith("hydra"):
+            row[key] = choices.get(key, flat.get(key, ov.split("=", 1)[-1]))
+    row.update(choices)
+    row.update({k: _scalar(v) for k, v in summary.items() if k not in flat})
+    row.update({k: v for k, v in flat.items() if k not in row})
+    return row
+
+
+def read_run(run_dir: str | Path) -> dict[str, Any]:
+    """The row of one run dir (summary.json + .hydra/config.yaml or config.json + Hydra choices)."""
+    d = Path(run_dir)
+    summary = json.loads((d / "summary.json").read_text())
+    hydra_dir = d / ".hydra"
+    if (hydra_dir / "config.yaml").is_file():
+        config = yaml.safe_load((hydra_dir / "config.yaml").read_text()) or {}
+    elif (d / "config.json").is_file():
+        config = json.loads((d / "config.json").read_text())
+    else:
+        config = {}
+    choices: dict[str, Any] = {}
+    overrides: list[str] = []
+    job = None
+    if (hydra_dir / "hydra.yaml").is_file():
+        hydra = (yaml.safe_load((hydra_dir / "hydra.yaml").read_text()) or {}).get("hydra", {})
+        choices = hydra.get("runtime", {}).get("choices", {}) or {}
+        overrides = list(hydra.get("overrides", {}).get("task", []) or [])
+        num = hydra.get("job", {}).get("num")
+        job = num if isinstance(num, int) else None
+    return make_row(summary, config, choices=choices, overrides=overrides, run_dir=str(d), job=job)
+
+
+def find_runs(path: str | Path | Iterable[str | Path]) -> list[Path]:
+    """Run dirs (holding summary.json) under a run dir, a sweep dir, a glob, or a list of those."""
+    if not isinstance(path, (str, Path)):
+        return sorted({r for p in path for r in find_runs(p)}, key=_run_order)
+    p = Path(path)
+    if any(ch in str(path) for ch in "*?["):
+        hits = [Path(h) for h in glob.glob(str(path), recursive=True)]
+    else:
+        hits = [p]
+    runs: set[Path] = set()
+    for h in hits:
+        if h.is_file() and h.name == "summary.json":
+            runs.add(h.parent)
+        elif h.is_dir():
+            runs.update(s.parent for s in h.rglob("summary.json") if ".hydra" not in s.parts)
+    return sorted(runs, key=_run_order)
+
+
+def _run_order(p: Path) -> tuple:
+    return tuple((0, int(s), "") if s.isdigit() else (1, 0, s) for s in p.parts)
+
+
+def load_results(path: str | Path | Iterable[str | Path]) -> pd.DataFrame:
+    """One DataFrame of runs from a run dir, a sweep dir, a glob (``results/multirun/**``) or a list."""
+    runs = find_runs(path)
+    if not runs:
+        raise FileNotFoundError(f"no runs (summary.json) found under {path!s}")
+    return pd.DataFrame([read_run(r) for r in runs])
+
+
+def headline_columns(df: pd.DataFrame) -> list[str]:
+    return [m for m in HEADLINE if m in df.columns]
+
+
+def compare(df: pd.DataFrame, by: str | Sequence[str], metrics: str | Sequence[str] | None = None,
+            columns: str | None = None, agg: str = "mean") -> pd.DataFrame:
+    """Metrics grouped by the ``by`` columns (choices such as ``allocator`` or config keys such as
+    ``block_size``), aggregated with ``agg`` over repeats; ``columns`` pivots one key into columns."""
+    by = [by] if isinstance(by, str) else list(by)
+    metrics = [metrics] if isinstance(metrics, str) else list(metrics or headline_columns(df))
+    missing = [c for c in [*by, *metrics, *([columns] if columns else [])] if c not in df.columns]
+    if missing:
+        raise KeyError(f"compare: no column {missing}; available: {', '.join(map(str, df.columns))}")
+    numeric = [m for m in metrics if pd.api.types.is_numeric_dtype(df[m])]
+    if columns:
+        return df.pivot_table(index=by, columns=columns, values=numeric, aggfunc=agg, sort=True)
+    table = df.groupby(by, sort=True, dropna=False)[numeric].agg(agg)
+    for m in metrics:  # non-numeric metrics (time_source): the group's distinct values
+        if m not in numeric:
+            table[m] = df.groupby(by, sort=True, dropna=False)[m].agg(lambda s: ",".join(sorted(set(map(str, s)))))
+    return table
+
+
+def format_table(df: pd.DataFrame, columns: Sequence[str]) -> str:
+    """A plain-text table of the given columns (those present), floats to 4 significant digits."""
+    cols = [c for c in dict.fromkeys(columns) if c in df.columns]
+    return df[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}")

@@ -1,0 +1,422 @@
+"""Config schema (dataclasses in Hydra's ConfigStore), validation and the config dir locator.
+
+Types are checked by OmegaConf while Hydra composes; choices, ranges and cross-field rules are
+checked by :func:`validate` (composed config) and :func:`check_overrides` (command-line
+overrides, before Hydra creates any directory). Every message names the field, the value
+and what is allowed.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import types
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass, field, is_dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from hydra.errors import CompactHydraException
+from omegaconf import DictConfig, OmegaConf
+
+VERSION_BASE = "1.3"
+GROUPS = ("allocator", "eviction", "kernel", "executor", "model", "hardware", "workload", "sampling", "logger")
+COMPONENTS = ("allocator", "executor", "kernel", "model", "workload")  # W&B tags / job_type
+
+ALLOCATORS = ("paged", "contiguous_max", "contiguous_pow2", "contiguous_oracle")
+WORKLOADS = ("sharegpt_like", "alpaca_like", "uniform", "fixed", "trace")
+try:  # the preset tables are the source of truth for model / hardware / dtype names
+    from pagedlab.models.presets import DTYPE_BYTES, HARDWARE_PRESETS, MODEL_PRESETS
+
+    HARDWARE, MODELS, DTYPES = tuple(HARDWARE_PRESETS), (*MODEL_PRESETS, "hf"), ("auto", *DTYPE_BYTES)
+except ImportError:  # pragma: no cover - presets module missing or renamed
+    HARDWARE = ("a100_40gb", "a100_80gb", "h100_80gb", "h200")
+    MODELS = ("tiny_llama", "llama_7b", "llama_13b", "opt_13b", "opt_66b", "opt_175b", "hf")
+    DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+
+class ConfigError(CompactHydraException, ValueError):
+    """A config value that is not allowed; Hydra prints just this message."""
+
+
+def config_dir() -> Path:
+    """The config dir: ``pagedlab/conf`` shipped in the wheel, else the repo's ``conf/`` (editable)."""
+    pkg = Path(__file__).resolve().parent
+    for cand in (pkg / "conf", pkg.parent / "conf"):
+        if (cand / "config.yaml").is_file():
+            return cand
+    raise FileNotFoundError(f"pagedlab config dir not found (looked in {pkg / 'conf'} and {pkg.parent / 'conf'})")
+
+
+# --------------------------------------------------------------------------- schema
+@dataclass
+class KVCacheConfig:
+    budget_gib: float | None = None
+    gpu_memory_utilization: float = 0.9
+    num_blocks: int | None = None
+    swap_gib: float = 4.0
+    watermark: float = 0.01
+    cpu_budget_gib: float = 0.25
+
+
+@dataclass
+class AllocatorConfig:
+    name: str = "paged"
+    order: str = "lifo"
+
+
+@dataclass
+class EvictionConfig:
+    mode: str = "recompute"
+    victim: str = "newest"
+
+
+@dataclass
+class KernelConfig:
+    name: str = "torch_gather"
+
+
+@dataclass
+class ExecutorConfig:
+    name: str = "torch"
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny_llama"
+    name_or_path: str | None = None
+    dtype: str = "auto"
+
+
+@dataclass
+class HardwareConfig:
+    name: str = "a100_40gb"
+
+
+@dataclass
+class WorkloadConfig:
+    name: str = "uniform"
+    num_requests: int = 32
+    request_rate: float | None = None
+    seed: int | None = None
+    path: str | None = None
+    prompt_len: list[int] = field(default_factory=lambda: [16, 128])
+    output_len: list[int] = field(default_factory=lambda: [16, 128])
+    n: int | None = None
+    beam_width: int | None = None
+    shared_prefix_len: int = 0
+
+
+@dataclass
+class SamplingConfig:
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    n: int = 1
+    beam_width: int = 1
+    max_tokens: int = 64
+    ignore_eos: bool = True
+    seed: int | None = None
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "wandb"
+    mode: str = "offline"
+    project: str = "pagedlab"
+    entity: str | None = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class PagedLabConfig:
+    """Top-level schema; each group file merges into its typed node."""
+
+    allocator: AllocatorConfig = field(default_factory=AllocatorConfig)
+    eviction: EvictionConfig = field(default_factory=EvictionConfig)
+    kernel: KernelConfig = field(default_factory=KernelConfig)
+    executor: ExecutorConfig = field(default_factory=ExecutorConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
+    workload: WorkloadConfig = field(default_factory=WorkloadConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    block_size: int = 16
+    cow: bool = True
+    prefix_cache: bool = False
+    seed: int = 0
+    device: str = "auto"
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    max_model_len: int = 2048
+    kv_cache: KVCacheConfig = field(default_factory=KVCacheConfig)
+
+
+GROUP_SCHEMAS: dict[str, type] = {g: typing.get_type_hints(PagedLabConfig)[g] for g in GROUPS}
+
+
+def register() -> None:
+    """Store the schemas as root configs (so they are not listed as groups): ``pagedlab_schema``
+    (top level, first in config.yaml's defaults) and ``<group>_schema`` for each group node, which
+    a user's own group file can extend with ``defaults: [/allocator_schema@_here_, _self_]``."""
+    cs = ConfigStore.instance()
+    cs.store(name="pagedlab_schema", node=PagedLabConfig)
+    for group, schema in GROUP_SCHEMAS.items():
+        cs.store(name=f"{group}_schema", node=schema)
+
+
+register()
+
+
+# --------------------------------------------------------------------------- rules
+Rule = tuple[Callable[[Any], bool], str]
+
+
+def _one_of(*names: str) -> Rule:
+    return (lambda v: v in names), "one of " + ", ".join(names)
+
+
+def _int_range(lo: int, hi: float = math.inf, optional: bool = False) -> Rule:
+    text = f"an integer in {lo}..{hi}" if hi != math.inf else f"an integer >= {lo}"
+    return (lambda v: (optional and v is None) or (v is not None and lo <= v <= hi)), text + (
+        " or null" if optional else "")
+
+
+def _frac(lo_open: bool = True) -> Rule:
+    if lo_open:
+        return (lambda v: 0 < v <= 1), "a number in (0, 1]"
+    return (lambda v: 0 <= v < 1), "a number in [0, 1)"
+
+
+def _positive(optional: bool = False, zero: bool = False) -> Rule:
+    text = ("a number >= 0" if zero else "a number > 0") + (" or null" if optional else "")
+    return (lambda v: (optional and v is None) or (v is not None and (v >= 0 if zero else v > 0))), text
+
+
+def _length_range(v: Any) -> bool:
+    return len(v) == 2 and 1 <= v[0] <= v[1]
+
+
+RULES: dict[str, Rule] = {
+    "block_size": _int_range(1, 256),
+    "device": ((lambda v: v in ("auto", "cpu", "cuda") or (v.startswith("cuda:") and v[5:].isdigit())),
+               "auto, cpu, cuda or cuda:N"),
+    "max_num_seqs": _int_range(1),
+    "max_num_batched_tokens": _int_range(1),
+    "max_model_len": _int_range(1),
+    "kv_cache.budget_gib": _positive(optional=True),
+    "kv_cache.gpu_memory_utilization": _frac(),
+    "kv_cache.num_blocks": _int_range(1, optional=True),
+    "kv_cache.swap_gib": _positive(zero=True),
+    "kv_cache.watermark": _frac(lo_open=False),
+    "kv_cache.cpu_budget_gib": _positive(),
+    "allocator.name": _one_of(*ALLOCATORS),
+    "allocator.order": _one_of("lifo", "fifo"),
+    "eviction.mode": _one_of("recompute", "swap"),
+    "eviction.victim": _one_of("newest", "lru", "largest"),
+    "kernel.name": _one_of("torch_gather", "triton"),
+    "executor.name": _one_of("torch", "sim"),
+    "hardware.name": _one_of(*HARDWARE),
+    "model.name": _one_of(*MODELS),
+    "model.dtype": _one_of(*DTYPES),
+    "workload.name": _one_of(*WORKLOADS),
+    "workload.num_requests": _int_range(1),
+    "workload.request_rate": _positive(optional=True),
+    "workload.prompt_len": (_length_range, "[lo, hi] with 1 <= lo <= hi"),
+    "workload.output_len": (_length_range, "[lo, hi] with 1 <= lo <= hi"),
+    "workload.n": _int_range(1, optional=True),
+    "workload.beam_width": _int_range(1, optional=True),
+    "workload.shared_prefix_len": _int_range(0),
+    "sampling.temperature": _positive(zero=True),
+    "sampling.top_p": _frac(),
+    "sampling.top_k": _int_range(0),
+    "sampling.n": _int_range(1),
+    "sampling.beam_width": _int_range(1),
+    "sampling.max_tokens": _int_range(1),
+    "logger.name": _one_of("wandb", "none"),
+    "logger.mode": _one_of("offline", "online", "disabled"),
+}
+
+
+def _bad(key: str, value: Any, allowed: str) -> str:
+    return f"{key}={_show(value)} is not allowed: expected {allowed}"
+
+
+def _show(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(list(value)) if isinstance(value, (list, tuple)) or OmegaConf.is_list(value) else str(value)
+
+
+def check_value(key: str, value: Any) -> str | None:
+    """The error message for ``key=value`` (already of the field's type), or None if allowed."""
+    rule = RULES.get(key)
+    if rule is None:
+        return None
+    ok, allowed = rule
+    try:
+        good = bool(ok(value))
+    except (TypeError, ValueError, AttributeError):
+        good = False
+    return None if good else _bad(key, value, allowed)
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check a composed config before any work; raise ConfigError listing every problem."""
+    errors: list[str] = []
+    for key in RULES:
+        parent, _, name = key.rpartition(".")
+        node = OmegaConf.select(cfg, parent) if parent else cfg
+        if node is None or name not in node or OmegaConf.is_missing(node, name):
+            continue  # missing ('???') values are reported below where they matter
+        msg = check_value(key, node[name])
+        if msg:
+            errors.append(msg)
+    if cfg.model.name == "hf" and not _is_set(cfg.model, "name_or_path"):
+        errors.append("model.name_or_path=null is not allowed with model=hf: expected a Hugging Face "
+                      "model id or a local checkpoint folder (model.name_or_path=PATH)")
+    if cfg.workload.name == "trace" and not _is_set(cfg.workload, "path"):
+        errors.append("workload.path=null is not allowed with workload=trace: expected a JSONL or CSV "
+                      "file (workload.path=FILE)")
+    if cfg.prefix_cache and cfg.allocator.name != "paged":
+        errors.append(f"prefix_cache=true is not allowed with allocator={cfg.allocator.name}: expected "
+                      "allocator=paged (contiguous allocators never share blocks)")
+    if errors:
+        raise ConfigError("Invalid config:\n  " + "\n  ".join(errors))
+
+
+def _is_set(node: DictConfig, key: str) -> bool:
+    return not OmegaConf.is_missing(node, key) and node[key] is not None
+
+
+# --------------------------------------------------------------------------- overrides
+def _schema_field(key: str) -> tuple[type | None, str | None, list[str]]:
+    """(owning dataclass, field name, allowed names) for a dotted key; field None if unknown."""
+    owner: type = PagedLabConfig
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        hints = typing.get_type_hints(owner)
+        if part not in hints:
+            return owner, None, list(hints)
+        tp = hints[part]
+        if i == len(parts) - 1:
+            return owner, part, list(hints)
+        if not is_dataclass(tp):
+            return owner, None, []
+        owner = tp
+    return owner, None, []
+
+
+@cache
+def _group_choices(group: str) -> tuple[str, ...]:
+    return tuple(sorted(p.stem for p in (config_dir() / group).glob("*.yaml")))
+
+
+def _suggest(word: str, options: list[str] | tuple[str, ...]) -> str:
+    close = difflib.get_close_matches(word, list(options), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _values(override: Any) -> list[Any]:
+    """The concrete values of an override (one, or each of a choice/range sweep); [] if open."""
+    if not override.is_sweep_override():
+        return [override.value()]
+    if override.value_type is not None and override.value_type.name in (
+            "CHOICE_SWEEP", "SIMPLE_CHOICE_SWEEP", "RANGE_SWEEP"):
+        return list(override.sweep_iterator())
+    return []
+
+
+def check_overrides(overrides: list[str]) -> list[str]:
+    """Messages for command-line overrides that cannot work, without composing anything.
+
+    Checks group choices against ``conf/<group>/*.yaml``, dotted keys against the schema, and
+    values against their type and :data:`RULES`. Hydra's own keys and ``+key`` additions pass.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(list(overrides))
+    except OverrideParseException as exc:
+        return [str(exc)]
+    errors: list[str] = []
+    for ov in parsed:
+        key = ov.key_or_group
+        if key.split(".")[0].split("/")[0] == "hydra" or ov.is_delete() or ov.package is not None:
+            continue
+        values = _values(ov)
+        if key in GROUPS or key == "experiment":
+            choices = _group_choices(key)
+            for v in values:
+                if not isinstance(v, str) or v not in choices:
+                    errors.append(f"{key}={_show(v)} is not allowed: expected one of "
+                                  f"{', '.join(choices)}{_suggest(str(v), choices)}")
+            continue
+        if ov.is_add() or ov.is_force_add():
+            continue
+        owner, name, allowed = _schema_field(key)
+        if name is None:
+            where = key.rsplit(".", 1)[0] + "." if "." in key else ""
+            keys = f": expected one of {where}{{{', '.join(allowed)}}}" if allowed else ""
+            errors.append(f"{key}={_show(values[0]) if values else '...'} is not allowed: '{key}' is not a "
+                          f"config key{keys}{_suggest(key.split('.')[-1], allowed)}")
+            continue
+        for v in values:
+            msg = _typed_check(owner, name, key, v)
+            if msg:
+                errors.append(msg)
+    return errors
+
+
+def _typed_check(owner: type, name: str, key: str, value: Any) -> str | None:
+    if isinstance(value, str) and "${" in value:
+        return None  # an interpolation: checked by validate() once composed
+    node = OmegaConf.structured(owner)
+    try:
+        node[name] = value
+    except Exception:  # noqa: BLE001 - OmegaConf raises several validation types
+        tp = typing.get_type_hints(owner)[name]
+        return _bad(key, value, _describe(tp))
+    return check_value(key, node[name])
+
+
+def _describe(tp: Any) -> str:
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args:
+        return _describe(next(a for a in args if a is not type(None))) + " or null"
+    if tp is bool:
+        return "true or false"
+    if tp is int:
+        return "an integer"
+    if tp is float:
+        return "a number"
+    if typing.get_origin(tp) is list:
+        return f"a list of {_describe(args[0]).removeprefix('an ').removeprefix('a ')}s"
+    return getattr(tp, "__name__", str(tp))
+
+
+def schema_defaults() -> dict[str, Any]:
+    """Defaults of the schema as a nested dict (for docs and tests)."""
+    return OmegaConf.to_container(OmegaConf.structured(PagedLabConfig))  # type: ignore[return-value]
+
+
+__all__ = [
+    "COMPONENTS",
+    "GROUPS",
+    "RULES",
+    "VERSION_BASE",
+    "ConfigError",
+    "PagedLabConfig",
+    "check_overrides",
+    "check_value",
+    "config_dir",
+    "register",
+    "schema_defaults",
+    "validate",
+]

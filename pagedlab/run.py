@@ -1,0 +1,131 @@
+"""The command line: ``python -m pagedlab.run [overrides]`` (or ``pagedlab [overrides]``).
+
+    python -m pagedlab.run block_size=32 executor=sim model=llama_13b workload=sharegpt_like
+    python -m pagedlab.run -m block_size=8,16,32 allocator=paged,contiguous_max
+    python -m pagedlab.run -m +experiment=memory_waste_breakdown hydra/launcher=joblib
+
+Each run validates its config, runs the experiment with a progress bar, writes summary.json,
+steps.parquet and requests.parquet into its Hydra run dir (``results/<date>/<time>``; multirun:
+``results/multirun/<date>/<time>/<job>``), mirrors to the logger and prints a summary. With
+``+objective=METRIC`` the job returns that summary value (for optimizing sweepers such as Optuna).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig
+
+from pagedlab.app.loggers import make_logger
+from pagedlab.app.results import METRICS
+from pagedlab.config import GROUPS, VERSION_BASE, ConfigError, check_overrides, config_dir, validate
+
+log = logging.getLogger("pagedlab")
+
+
+def dir_label(path: str | Path) -> str:
+    """A readable name for a run/sweep dir: ``2026-01-02_10-11-12`` for Hydra's date/time dirs."""
+    p = Path(path)
+    return f"{p.parent.name}_{p.name}" if re.fullmatch(r"[\d\-_:.]+", p.name) and p.parent.name else p.name
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    keys = [k for k in METRICS if k in summary] + [k for k in ("num_blocks", "block_size") if k in summary]
+    width = max(map(len, keys), default=0)
+    return "\n".join(f"  {k:<{width}}  {summary[k]:.4g}" if isinstance(summary[k], float) else
+                     f"  {k:<{width}}  {summary[k]}" for k in keys)
+
+
+def _run_name(hc: Any) -> str:
+    name = hc.job.override_dirname or "defaults"
+    return f"{hc.job.num}:{name}" if hc.mode == RunMode.MULTIRUN else name
+
+
+def task(cfg: DictConfig) -> Any:
+    """One Hydra job: validate, run, save, log, print; returns the summary (or ``+objective``)."""
+    from pagedlab.experiment import run_experiment
+
+    validate(cfg)
+    hc = HydraConfig.get()
+    run_dir = Path(hc.runtime.output_dir)
+    choices = {k: hc.runtime.choices[k] for k in (*GROUPS, "experiment") if k in hc.runtime.choices}
+    log.info("%s | %s | block_size=%s cow=%s prefix_cache=%s", run_dir, " ".join(
+        f"{k}={v}" for k, v in choices.items()), cfg.block_size, cfg.cow, cfg.prefix_cache)
+    group = dir_label(hc.sweep.dir if hc.mode == RunMode.MULTIRUN else run_dir)
+    logger = make_logger(cfg, run_dir, group=group, name=_run_name(hc))
+    exit_code = 1
+    try:
+        result = run_experiment(cfg, progress=True, on_step=logger.log_step)
+        result.save(run_dir)
+        logger.log_result(result)
+        exit_code = 0
+    finally:
+        logger.finish(exit_code=exit_code)
+    print(f"pagedlab: results in {run_dir} (time: {result.summary.get('time_source', '?')})\n"
+          + format_summary(result.summary), flush=True)
+    objective = cfg.get("objective")
+    if objective:
+        if objective not in result.summary:
+            raise ConfigError(f"objective={objective} is not allowed: expected a summary key, one of "
+                              f"{', '.join(sorted(result.summary))}")
+        return float(result.summary[objective])
+    return result.summary
+
+
+_hydra_task = hydra.main(config_path=str(config_dir()), config_name="config", version_base=VERSION_BASE)(task)
+
+
+def _cli_overrides(argv: list[str]) -> tuple[list[str], bool] | None:
+    """(overrides, multirun) of a command line, or None when it is not ours to check (custom config, help)."""
+    from hydra._internal.utils import get_args_parser
+
+    args, _ = get_args_parser().parse_known_args(argv)
+    if args.config_path or args.config_name or args.config_dir or args.shell_completion or args.help \
+            or args.hydra_help or args.info:
+        return None
+    return list(args.overrides), bool(args.multirun)
+
+
+def preflight(overrides: list[str], multirun: bool) -> str | None:
+    """Why these overrides cannot run (every sweep value checked; the fixed part composed and
+    validated), or None. Problems only Hydra can explain are left to Hydra."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from pagedlab.app.api import compose_with_choices
+
+    errors = check_overrides(overrides)
+    if errors:
+        return "invalid config, nothing was run:\n  " + "\n  ".join(errors)
+    try:
+        fixed = overrides
+        if multirun:
+            parsed = OverridesParser.create().parse_overrides(overrides)
+            fixed = [o for o, p in zip(overrides, parsed) if not p.is_sweep_override()]
+        compose_with_choices(fixed)
+    except ConfigError as exc:
+        return f"{exc}\nnothing was run"
+    except Exception:  # noqa: BLE001 - composition errors: Hydra reports them with its own context
+        return None
+    return None
+
+
+def main() -> None:
+    """Console entry point: reject bad configs before Hydra creates any directory, then run."""
+    cli = _cli_overrides(sys.argv[1:])
+    problem = preflight(*cli) if cli is not None else None
+    if problem:
+        print(f"pagedlab: {problem}\n(see `python -m pagedlab.run --help` and conf/ for groups and keys)",
+              file=sys.stderr)
+        sys.exit(2)
+    _hydra_task()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""Results in pandas: in-process sweeps, loading run/sweep dirs and globs, comparing groups."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from pagedlab.app import api
+from pagedlab.app.callbacks import summarize_sweep
+from pagedlab.app.results import compare, flatten, load_results, make_row
+from pagedlab.config import ConfigError
+
+SIM = ["executor=sim", "model=llama_13b", "workload=uniform", "workload.num_requests=8",
+       "workload.prompt_len=[8,32]", "workload.output_len=[4,16]", "logger=none"]
+
+
+@pytest.fixture(scope="module")
+def grid_df() -> pd.DataFrame:
+    return api.sweep(SIM, {"allocator": ["paged", "contiguous_max"], "block_size": [8, 32]}, progress=False)
+
+
+def test_sweep_runs_every_point_with_config_and_metrics(grid_df: pd.DataFrame, tmp_path: Path) -> None:
+    df = grid_df
+    assert len(df) == 4 and df["job"].tolist() == [0, 1, 2, 3]
+    assert sorted(zip(df["allocator"], df["block_size"])) == [("contiguous_max", 8), ("contiguous_max", 32),
+                                                               ("paged", 8), ("paged", 32)]
+    assert (df["allocator"] == df["allocator.name"]).all() and (df["executor"] == "sim").all()
+    assert {"memory_waste", "throughput_tok_s", "time_source", "workload.prompt_len", "overrides"} <= set(df.columns)
+    assert df["workload.prompt_len"].iloc[0] == "[8, 32]"  # lists flattened to text: parquet-safe
+    df.to_parquet(tmp_path / "x.parquet")
+
+
+def test_compare_groups_and_pivots(grid_df: pd.DataFrame) -> None:
+    table = compare(grid_df, by="allocator", metrics=["memory_waste", "time_source"])
+    assert list(table.index) == ["contiguous_max", "paged"]
+    assert table.loc["paged", "memory_waste"] < table.loc["contiguous_max", "memory_waste"]
+    assert table.loc["paged", "time_source"] == "modelled"
+    pivot = compare(grid_df, by="allocator", columns="block_size", metrics="memory_waste")
+    assert pivot.shape == (2, 2) and pivot[("memory_waste", 8)].notna().all()
+    with pytest.raises(KeyError, match="no column"):
+        compare(grid_df, by="alocator")
+
+
+def test_sweep_from_a_composed_config_reloads_group_files() -> None:
+    calls = []
+
+    class Fake:
+        def __init__(self, cfg) -> None:
+            calls.append(cfg)
+            self.summary = {"memory_waste": 0.5, "block_size": cfg.block_size}
+
+    base = api.compose(*SIM)
+    orig = api.run_experiment
+    api.run_experiment = lambda cfg, progress=False: Fake(cfg)
+    try:
+        df = api.sweep(base, {"eviction": ["swap"], "sampling": ["beam", "parallel"], "kv_cache.num_blocks": [64]},
+                       progress=False)
+    finally:
+        api.run_experiment = orig
+    assert [c.eviction.mode for c in calls] == ["swap", "swap"]
+    assert [(c.sampling.beam_width, c.sampling.n) for c in calls] == [(4, 1), (1, 4)]
+    assert df["sampling"].tolist() == ["beam", "parallel"] and (df["kv_cache.num_blocks"] == 64).all()
+
+
+def test_sweep_validates_every_point_before_running(monkeypatch) -> None:
+    ran = []
+    monkeypatch.setattr(api, "run_experiment", lambda cfg, progress=False: ran.append(cfg))
+    with pytest.raises(ConfigError, match="block_size=0"):
+        api.sweep(SIM, {"block_size": [16, 0]}, progress=False)
+    with pytest.raises(ConfigError, match="block_size=0"):
+        api.sweep(api.compose(*SIM), {"block_size": [16, 0]}, progress=False)
+    assert ran == []
+
+
+def _fake_job(root: Path, num: int, allocator: str, waste: float) -> Path:
+    d = root / str(num)
+    (d / ".hydra").mkdir(parents=True)
+    (d / "summary.json").write_text(json.dumps({"memory_waste": waste, "time_source": "modelled"}))
+    (d / ".hydra" / "config.yaml").write_text(f"allocator:\n  name: {allocator}\nblock_size: 16\n")
+    (d / ".hydra" / "hydra.yaml").write_text(
+        f"hydra:\n  job:\n    num: {num}\n  overrides:\n    task: [allocator={allocator}]\n"
+        f"  runtime:\n    choices:\n      allocator: {allocator}\n      hydra/launcher: basic\n")
+    return d
+
+
+def test_load_results_from_run_dir_sweep_dir_glob_and_list(tmp_path: Path) -> None:
+    sweep = tmp_path / "multirun" / "day" / "time"
+    for i, (a, w) in enumerate([("paged", 0.04), ("contiguous_max", 0.8), ("paged", 0.06)]):
+        _fake_job(sweep, i, a, w)
+    (sweep / "10").mkdir()  # a failed job: no summary.json, skipped
+    df = load_results(sweep)
+    assert df["job"].tolist() == [0, 1, 2] and df["allocator"].tolist() == ["paged", "contiguous_max", "paged"]
+    assert "hydra/launcher" not in df.columns and df["overrides"].iloc[1] == "allocator=contiguous_max"
+    assert len(load_results(sweep / "1")) == 1
+    assert len(load_results(str(tmp_path / "multirun" / "**" / "summary.json"))) == 3
+    assert len(load_results([sweep / "0", sweep / "1"])) == 2
+    assert compare(df, by="allocator", metrics="memory_waste").loc["paged", "memory_waste"] == pytest.approx(0.05)
+    out = summarize_sweep(sweep, quiet=True)
+    assert out is not None and len(pd.read_parquet(out)) == 3
+    with pytest.raises(FileNotFoundError):
+        load_results(tmp_path / "nothing")
+
+
+def test_load_results_reads_a_run_saved_from_python(tmp_path: Path) -> None:
+    from pagedlab.experiment import run_experiment
+
+    run_experiment(api.compose(*SIM), progress=False).save(tmp_path / "nb")
+    row = load_results(tmp_path / "nb").iloc[0]
+    assert row["executor.name"] == "sim" and row["num_finished"] == 8
+
+
+def test_flatten_and_make_row() -> None:
+    assert flatten({"a": {"b": 1, "c": [1, 2]}, "d": None}) == {"a.b": 1, "a.c": "[1, 2]", "d": None}
+    row = make_row({"memory_waste": 0.1, "block_size": 8}, {"block_size": 8, "allocator": {"name": "paged"}},
+                   choices={"allocator": "paged", "hydra/launcher": "joblib"}, overrides=["+objective=x", "block_size=8"])
+    assert row["objective"] == "x" and row["block_size"] == 8 and row["allocator"] == "paged"
+    assert "hydra/launcher" not in row and list(row)[:3] == ["run_dir", "job", "overrides"]
