@@ -22,20 +22,17 @@ from hydra.core.config_store import ConfigStore
 from hydra.errors import CompactHydraException
 from omegaconf import DictConfig, OmegaConf
 
+from pagedlab.engine.scheduler import EVICTION_MODES, VICTIMS
+from pagedlab.kv import ALLOCATORS, ORDERS
+from pagedlab.models.presets import DTYPE_BYTES, HARDWARE_PRESETS, MODEL_PRESETS
+from pagedlab.workloads import WORKLOADS
+
 VERSION_BASE = "1.3"
 GROUPS = ("allocator", "eviction", "kernel", "executor", "model", "hardware", "workload", "sampling", "logger")
 COMPONENTS = ("allocator", "executor", "kernel", "model", "workload")  # W&B tags / job_type
 
-ALLOCATORS = ("paged", "contiguous_max", "contiguous_pow2", "contiguous_oracle")
-WORKLOADS = ("sharegpt_like", "alpaca_like", "uniform", "fixed", "trace")
-try:  # the preset tables are the source of truth for model / hardware / dtype names
-    from pagedlab.models.presets import DTYPE_BYTES, HARDWARE_PRESETS, MODEL_PRESETS
-
-    HARDWARE, MODELS, DTYPES = tuple(HARDWARE_PRESETS), (*MODEL_PRESETS, "hf"), ("auto", *DTYPE_BYTES)
-except ImportError:  # pragma: no cover - presets module missing or renamed
-    HARDWARE = ("a100_40gb", "a100_80gb", "h100_80gb", "h200")
-    MODELS = ("tiny_llama", "llama_7b", "llama_13b", "opt_13b", "opt_66b", "opt_175b", "hf")
-    DTYPES = ("auto", "float32", "float16", "bfloat16")
+# the components' own tables are the source of truth for the names users may type
+HARDWARE, MODELS, DTYPES = tuple(HARDWARE_PRESETS), (*MODEL_PRESETS, "hf"), ("auto", *DTYPE_BYTES)
 
 
 class ConfigError(CompactHydraException, ValueError):
@@ -214,9 +211,9 @@ RULES: dict[str, Rule] = {
     "kv_cache.watermark": _frac(lo_open=False),
     "kv_cache.cpu_budget_gib": _positive(),
     "allocator.name": _one_of(*ALLOCATORS),
-    "allocator.order": _one_of("lifo", "fifo"),
-    "eviction.mode": _one_of("recompute", "swap"),
-    "eviction.victim": _one_of("newest", "lru", "largest"),
+    "allocator.order": _one_of(*ORDERS),
+    "eviction.mode": _one_of(*EVICTION_MODES),
+    "eviction.victim": _one_of(*VICTIMS),
     "kernel.name": _one_of("torch_gather", "triton"),
     "executor.name": _one_of("torch", "sim"),
     "hardware.name": _one_of(*HARDWARE),
