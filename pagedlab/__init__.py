@@ -2,7 +2,7 @@
 
 Notebook API (imported lazily, so `import pagedlab.kv` stays free of torch and Hydra):
 `compose(*overrides)`, `run_experiment(cfg)`, `sweep(cfg, grid)`, `load_results(path)`,
-`compare(df, by, metrics)`.
+`compare(df, by, metrics)`, `memory_breakdown(df)` (a Figure-2 style plot).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ _LAZY = {
     "sweep": "pagedlab.app.api",
     "load_results": "pagedlab.app.results",
     "compare": "pagedlab.app.results",
+    "memory_breakdown": "pagedlab.app.plots",
 }
 
 __all__ = [*_LAZY, "__version__"]
