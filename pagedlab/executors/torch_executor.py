@@ -1,0 +1,181 @@
+"""`executor=torch`: a real HF model over a paged KV cache, timed by the wall clock.
+
+Each step: fork copies, swap-out, swap-in, copy-on-write copies (all vectorised over blocks and
+layers, see `pagedlab.kernels.kv_cache`), then one flattened forward of every scheduled sequence's
+new tokens. Returns each sequence's last-token logits (fp32) and the step's measured time.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from pagedlab.executors.base import ModelInput, StepInput, StepOutput
+from pagedlab.kernels import KVCache, build_metadata, get_kernel
+from pagedlab.models.hf_adapter import HFModel, resolve_dtype
+from pagedlab.models.presets import GIB, ModelSpec, spec_from_hf_config
+
+CPU_BUDGET_BYTES = 1 << 28  # 0.25 GiB of KV when running on the CPU with no budget given
+
+
+def num_blocks_from_budget(budget_bytes: int, block_size: int, kv_bytes_per_token: int) -> int:
+    """`floor(budget_bytes / (block_size * kv_bytes_per_token))`."""
+    return int(budget_bytes) // (block_size * kv_bytes_per_token)
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """"auto" -> cuda when available, else cpu."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def load_model(name_or_path: str | None, dtype: str | torch.dtype, device: torch.device, seed: int) -> HFModel:
+    """A tiny seeded model for None / "tiny_llama" / "tiny_qwen2" / "tiny_mistral", else `from_pretrained`."""
+    if name_or_path is None or name_or_path in ("tiny_llama", "tiny_qwen2", "tiny_mistral"):
+        from pagedlab.models.tiny import build_tiny_model
+
+        dt = resolve_dtype(dtype)
+        model = build_tiny_model(name_or_path or "llama", seed, torch.float32 if dt == "auto" else dt)
+        return HFModel(model.to(device))
+    return HFModel.from_pretrained(name_or_path, dtype, device)
+
+
+class TorchExecutor:
+    """Runs steps on a real model. `num_blocks=None` derives the block count from a byte budget:
+    `budget_bytes` if given, else on CUDA `free memory before loading * gpu_memory_utilization -
+    weights`, else `CPU_BUDGET_BYTES`.
+    """
+
+    time_source = "wall"
+
+    def __init__(
+        self,
+        name_or_path: str | None = None,
+        *,
+        num_blocks: int | None = None,
+        block_size: int = 16,
+        num_swap_blocks: int = 0,
+        kernel: str = "torch_gather",
+        device: str | torch.device = "auto",
+        dtype: str | torch.dtype = "auto",
+        budget_bytes: int | None = None,
+        gpu_memory_utilization: float = 0.9,
+        seed: int = 0,
+        model: HFModel | Any | None = None,
+    ) -> None:
+        self.device = resolve_device(device)
+        self.kernel_name = kernel
+        self.kernel = get_kernel(kernel)
+        free_before = torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" else 0
+        if model is None:
+            model = load_model(name_or_path, dtype, self.device, seed)
+        self.model = model if isinstance(model, HFModel) else HFModel(model.to(self.device))
+        if kernel == "triton" and self.device.type != "cuda" and self.model.dtype == torch.bfloat16:
+            raise ValueError("kernel=triton on the CPU runs under Triton's interpreter, which has no bfloat16")
+        self.block_size = block_size
+        if num_blocks is None:
+            if budget_bytes is None:
+                budget_bytes = (
+                    int(free_before * gpu_memory_utilization) - self.model.weight_bytes
+                    if self.device.type == "cuda" else CPU_BUDGET_BYTES
+                )
+            num_blocks = num_blocks_from_budget(budget_bytes, block_size, self.kv_bytes_per_token)
+        if num_blocks < 1:
+            raise ValueError(f"KV budget {budget_bytes} bytes holds no block of {block_size} tokens "
+                             f"({self.kv_bytes_per_token} bytes per token)")
+        self.num_blocks, self.num_swap_blocks = num_blocks, num_swap_blocks
+        m = self.model
+        self.kv = KVCache(m.num_layers, num_blocks, block_size, m.num_kv_heads, m.head_dim, m.dtype,
+                          self.device, num_swap_blocks)
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """`2 * num_layers * num_kv_heads * head_dim * dtype_bytes`."""
+        m = self.model
+        return 2 * m.num_layers * m.num_kv_heads * m.head_dim * m.dtype.itemsize
+
+    num_blocks_from_budget = staticmethod(num_blocks_from_budget)
+
+    def _forward(self, mi: ModelInput) -> torch.Tensor:
+        dev = self.device
+        meta = build_metadata(mi.query_lens, mi.context_lens, mi.block_tables, mi.slot_mapping,
+                              self.block_size, dev)
+        ids = torch.tensor(mi.input_ids, dtype=torch.long, device=dev)
+        pos = torch.tensor(mi.positions, dtype=torch.long, device=dev)
+        return self.model.forward(ids, pos, self.kv, meta, self.kernel)
+
+    def execute(self, step: StepInput) -> StepOutput:
+        """Memory operations in the order of `StepInput`'s fields, then the forward pass."""
+        start = time.perf_counter()
+        with torch.inference_mode():
+            self.kv.copy_blocks(step.fork_copies)
+            self.kv.swap_out(step.swap_out)
+            self.kv.swap_in(step.swap_in)
+            self.kv.copy_blocks(step.block_copies)
+            mi = step.model_input
+            if mi.num_seqs:
+                logits = self._forward(mi)
+            else:
+                logits = torch.empty(0, self.model.vocab_size, device=self.device)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return StepOutput(logits=logits, time_s=time.perf_counter() - start)
+
+
+@dataclass
+class EngineParts:
+    """What `pagedlab.experiment.build` needs from the torch side before it sizes the KV cache."""
+
+    spec: ModelSpec
+    default_budget_bytes: float
+    budget_what: str
+    eos_token_id: int | None
+    make_executor: Callable[[int, int, int], TorchExecutor]
+
+
+def load_for_engine(cfg: Any) -> EngineParts:
+    """Load the configured model once; the executor is made later with the block counts.
+
+    Uses `model.{name,name_or_path,dtype}`, `device`, `kernel.name` and
+    `kv_cache.{gpu_memory_utilization,cpu_budget_gib}`. Tiny models are always built with seed 0, so
+    `tiny_llama` names one fixed model whatever the workload seed.
+    """
+    def get(dotted: str, default: Any = None) -> Any:
+        node = cfg
+        for part in dotted.split("."):
+            node = node.get(part) if hasattr(node, "get") else getattr(node, part, None)
+            if node is None:
+                return default
+        return node
+
+    name, path = get("model.name", "tiny_llama"), get("model.name_or_path")
+    if path is None and not name.startswith("tiny_"):
+        raise ValueError(f"executor=torch with model={name} needs model.name_or_path (a local folder or hub "
+                         "id); shape presets without weights run with executor=sim")
+    device = resolve_device(get("device", "auto"))
+    kernel = get("kernel.name", "torch_gather")
+    free_before = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 0
+    model = load_model(path or name, get("model.dtype", "auto"), device, seed=0)
+    dtype_name = str(model.dtype).removeprefix("torch.")
+    spec = spec_from_hf_config(model.model.config.get_text_config(), path or name, dtype_name)
+    if device.type == "cuda":
+        util = float(get("kv_cache.gpu_memory_utilization", 0.9))
+        budget = free_before * util - model.weight_bytes
+        what = "free device memory x kv_cache.gpu_memory_utilization - weights"
+    else:
+        budget = float(get("kv_cache.cpu_budget_gib", CPU_BUDGET_BYTES / GIB)) * GIB
+        what = "kv_cache.cpu_budget_gib"
+    eos = getattr(model.model.generation_config, "eos_token_id", None) or model.model.config.eos_token_id
+    if isinstance(eos, (list, tuple)):
+        eos = eos[0] if eos else None
+
+    def make(num_blocks: int, block_size: int, num_swap_blocks: int) -> TorchExecutor:
+        return TorchExecutor(model=model, num_blocks=num_blocks, block_size=block_size,
+                             num_swap_blocks=num_swap_blocks, kernel=kernel, device=device)
+
+    return EngineParts(spec, budget, what, eos, make)

@@ -1,0 +1,127 @@
+"""`kernel=torch_gather`: paged attention in plain PyTorch (any device, any dtype).
+
+New keys/values are written into their slots with one `index_copy_`. Attention then gathers each
+sequence's blocks through its block table into contiguous K/V and calls
+`scaled_dot_product_attention`; the new tokens are causal among themselves and see the whole
+cached prefix, so prefill, decode, prefix-cache hits and recompute are one code path.
+
+Decode (one new token per sequence) is batched: sequences are sorted by context length and cut into
+chunks whose gathered K/V fit a reusable workspace (cache-sized on the CPU, large on CUDA); each chunk
+is one `index_select` of whole blocks plus one SDPA call with a padding mask. The query heads of a
+KV group are packed into SDPA's query-length axis ([B, kv_heads, group, D]), so no K/V head is
+repeated. Prefill sequences loop; one without cached prefix attends to its own new K/V directly.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from pagedlab.kernels.metadata import PagedMetadata
+
+CHUNK_BYTES = {"cpu": 16 << 20, "cuda": 1 << 30}  # gathered K+V per decode chunk
+_workspace: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+
+def write_kv(kv: torch.Tensor, key: torch.Tensor, value: torch.Tensor, meta: PagedMetadata) -> None:
+    """Store new keys/values [T, kv_heads, D] into `kv` [2, blocks, block_size, kv_heads, D]."""
+    flat = kv.view(2, -1, *kv.shape[3:])
+    flat[0].index_copy_(0, meta.slot_mapping, key.to(kv.dtype))
+    flat[1].index_copy_(0, meta.slot_mapping, value.to(kv.dtype))
+
+
+def _buffer(numel: int, like: torch.Tensor) -> torch.Tensor:
+    key = (like.device, like.dtype)
+    buf = _workspace.get(key)
+    if buf is None or buf.numel() < numel:
+        buf = _workspace[key] = torch.empty(numel, dtype=like.dtype, device=like.device)
+    return buf[:numel]
+
+
+def _gather(kv: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """K and V of `blocks` (flat block ids) -> [2, n * block_size, kv_heads, D] in the workspace."""
+    rows = kv.view(2, kv.shape[1], -1)
+    out = _buffer(2 * blocks.numel() * rows.shape[2], kv).view(2, blocks.numel(), rows.shape[2])
+    torch.index_select(rows[0], 0, blocks, out=out[0])
+    torch.index_select(rows[1], 0, blocks, out=out[1])
+    return out.view(2, -1, *kv.shape[3:])
+
+
+def _decode_plan(meta: PagedMetadata, kv: torch.Tensor, window: int | None) -> list[tuple]:
+    """Chunks of decode sequences: (token rows, flat block ids, padded length, mask or None)."""
+    key = ("gather_decode", window, kv.dtype)
+    if key in meta.plans:
+        return meta.plans[key]
+    bs, clens, dev = meta.block_size, meta.context_lens_list, kv.device
+    order = sorted(meta.decode_seqs, key=lambda s: -clens[s])
+    token_bytes = 2 * kv[0, 0, 0].numel() * kv.element_size()
+    budget = CHUNK_BYTES.get(dev.type, CHUNK_BYTES["cuda"])
+    plan, i = [], 0
+    while i < len(order):
+        padded = -(-clens[order[i]] // bs) * bs  # longest first: sets the chunk's width
+        n = max(1, min(len(order) - i, budget // (padded * token_bytes)))
+        seqs = order[i : i + n]
+        idx = torch.tensor(seqs, dtype=torch.long, device=dev)
+        rows = meta.query_start[idx].long()
+        blocks = meta.block_tables[idx, : padded // bs].reshape(-1).long()
+        lens = [clens[s] for s in seqs]
+        mask = None
+        if min(lens) < padded or (window is not None and padded > window):
+            pos = torch.arange(padded, device=dev)
+            ctx = meta.context_lens[idx].view(-1, 1, 1, 1)
+            mask = pos < ctx
+            if window is not None:
+                mask &= pos >= ctx - window
+        plan.append((rows, blocks, padded, mask))
+        i += n
+    meta.plans[key] = plan
+    return plan
+
+
+def _prefill_mask(qlen: int, ctx: int, window: int | None, device: torch.device) -> torch.Tensor:
+    """[qlen, ctx] bool: query i (position ctx - qlen + i) sees keys j <= its position."""
+    qpos = torch.arange(ctx - qlen, ctx, device=device).view(-1, 1)
+    kpos = torch.arange(ctx, device=device)
+    mask = kpos <= qpos
+    if window is not None:
+        mask &= kpos > qpos - window
+    return mask
+
+
+def attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    kv: torch.Tensor,
+    meta: PagedMetadata,
+    scale: float,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """Write the step's K/V, then attend. query [T, H, D], key/value [T, kv_heads, D] -> [T, H, D]."""
+    write_kv(kv, key, value, meta)
+    num_tokens, heads, dim = query.shape
+    kv_heads = kv.shape[3]
+    group = heads // kv_heads
+    out = torch.empty(num_tokens, heads, dim, dtype=query.dtype, device=query.device)
+    for rows, blocks, padded, mask in _decode_plan(meta, kv, sliding_window):
+        k, v = _gather(kv, blocks).view(2, rows.numel(), padded, kv_heads, dim).to(query.dtype).unbind(0)
+        q = query.index_select(0, rows).view(-1, kv_heads, group, dim)
+        o = F.scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale)
+        out.index_copy_(0, rows, o.reshape(-1, heads, dim))
+    bs = meta.block_size
+    for s in meta.prefill_seqs:
+        r0, r1 = meta.query_start_list[s], meta.query_start_list[s + 1]
+        qlen, ctx = r1 - r0, meta.context_lens_list[s]
+        q = query[r0:r1].transpose(0, 1).unsqueeze(0)
+        if ctx == qlen and (sliding_window is None or ctx <= sliding_window):
+            k, v, mask = key[r0:r1], value[r0:r1], None
+        else:
+            blocks = meta.block_tables[s, : -(-ctx // bs)].long()
+            k, v = _gather(kv, blocks)[:, :ctx].to(query.dtype).unbind(0)
+            mask = _prefill_mask(qlen, ctx, sliding_window, query.device)
+        o = F.scaled_dot_product_attention(
+            q, k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0),
+            attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=group > 1,
+        )
+        out[r0:r1] = o[0].transpose(0, 1)
+    return out

@@ -1,0 +1,162 @@
+"""`kernel=triton`: launches the kernels of `triton_kernels` (imported lazily, see below).
+
+On a non-CUDA device the kernels run under Triton's interpreter with no setup by the user:
+`TRITON_INTERPRET=1` is set before the @triton.jit module is imported (Triton reads it when the
+decorators run). The interpreter has no bfloat16 and is slow, so it suits small fp32 shapes (tests);
+speed is for CUDA.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+from pagedlab.kernels.metadata import PagedMetadata
+
+BLOCK_N = 64  # keys per decode tile
+BLOCK_M = BLOCK_N_PREFILL = 32  # queries x keys per prefill tile
+MIN_SPLIT_TOKENS = 256
+_modules: dict[bool, ModuleType] = {}
+
+
+def _pow2(n: int, floor: int = 16) -> int:
+    return max(floor, 1 << (n - 1).bit_length())
+
+
+def kernels(device: torch.device) -> ModuleType:
+    """The @triton.jit module for `device`: interpreted unless `device` is CUDA.
+
+    Each mode gets its own instance of `triton_kernels` (loaded under its own name), so CPU tests and
+    CUDA runs can share a process. Triton itself is imported first, in its normal mode.
+    """
+    interpret = device.type != "cuda"
+    if interpret not in _modules:
+        try:
+            import triton  # noqa: F401
+        except ImportError as err:  # pragma: no cover - platform without Triton
+            raise RuntimeError("kernel=triton needs the `triton` package; use kernel=torch_gather") from err
+        previous = os.environ.get("TRITON_INTERPRET")
+        os.environ["TRITON_INTERPRET"] = "1" if interpret else "0"
+        name = f"{__package__}.triton_kernels" + ("_interpreted" if interpret else "")
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("triton_kernels.py"))
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        if not interpret:  # leave the variable set for interpreted runs, as a user would
+            if previous is None:
+                del os.environ["TRITON_INTERPRET"]
+            else:
+                os.environ["TRITON_INTERPRET"] = previous
+        _modules[interpret] = mod
+    return _modules[interpret]
+
+
+def _precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def write_kv(kv: torch.Tensor, key: torch.Tensor, value: torch.Tensor, meta: PagedMetadata) -> None:
+    """Store new keys/values [T, kv_heads, D] into the layer's pool (one program per token)."""
+    if not key.shape[0]:
+        return
+    k = key.to(kv.dtype).reshape(key.shape[0], -1).contiguous()
+    v = value.to(kv.dtype).reshape(value.shape[0], -1).contiguous()
+    n = k.shape[1]
+    kernels(kv.device).write_kv_kernel[(k.shape[0],)](
+        k, v, kv, meta.slot_mapping, k.stride(0), v.stride(0), kv[0].numel(), N=n, BLOCK=_pow2(n, 1)
+    )
+
+
+def _num_splits(programs: int, max_ctx: int, device: torch.device) -> int:
+    """Context splits per decode sequence: enough programs for about four waves of the GPU's SMs."""
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    if programs >= 2 * sms:
+        return 1
+    return max(1, min(-(-max_ctx // MIN_SPLIT_TOKENS), -(-4 * sms // programs)))
+
+
+def _decode_plan(meta: PagedMetadata, heads: int, kv_heads: int, dim: int, splits: int | None) -> dict:
+    key = ("triton_decode", heads, dim, splits)
+    if key not in meta.plans:
+        dev = meta.block_tables.device
+        seqs = meta.decode_seqs
+        max_ctx = max(meta.context_lens_list[s] for s in seqs)
+        n = splits or _num_splits(len(seqs) * kv_heads, max_ctx, dev)
+        part_len = -(-max_ctx // n)
+        part_len = -(-part_len // BLOCK_N) * BLOCK_N
+        parts = -(-max_ctx // part_len)
+        idx = torch.tensor(seqs, dtype=torch.int32, device=dev)
+        plan = {"seqs": idx, "rows": meta.query_start[idx.long()], "part_len": part_len, "parts": parts}
+        if parts > 1:
+            plan["m"] = torch.empty(len(seqs) * heads * parts, dtype=torch.float32, device=dev)
+            plan["l"] = torch.empty_like(plan["m"])
+            plan["acc"] = torch.empty(len(seqs) * heads * parts * dim, dtype=torch.float32, device=dev)
+        meta.plans[key] = plan
+    return meta.plans[key]
+
+
+def _prefill_tiles(meta: PagedMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+    if "triton_prefill" not in meta.plans:
+        q = meta.query_lens_list
+        tiles = [(s, m) for s in meta.prefill_seqs for m in range(0, q[s], BLOCK_M)]
+        t = torch.tensor(tiles, dtype=torch.int32, device=meta.block_tables.device).view(-1, 2)
+        meta.plans["triton_prefill"] = (t[:, 0].contiguous(), t[:, 1].contiguous())
+    return meta.plans["triton_prefill"]
+
+
+def attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    kv: torch.Tensor,
+    meta: PagedMetadata,
+    scale: float,
+    sliding_window: int | None = None,
+    num_splits: int | None = None,
+) -> torch.Tensor:
+    """Write the step's K/V, then attend straight from the pool. [T, H, D] in, [T, H, D] out.
+
+    `num_splits` overrides the decode context-split heuristic (tests use it on the CPU).
+    """
+    write_kv(kv, key, value, meta)
+    if query.stride(-1) != 1:
+        query = query.contiguous()
+    mod = kernels(kv.device)
+    num_tokens, heads, dim = query.shape
+    kv_heads, bs = kv.shape[3], kv.shape[2]
+    group = heads // kv_heads
+    out = torch.empty(num_tokens, heads, dim, dtype=query.dtype, device=query.device)
+    scale_log2 = scale * math.log2(math.e)
+    window = sliding_window or 0
+    prec = _precision(kv.dtype)
+    common = {"KV_HEADS": kv_heads, "G": group, "D": dim, "BS": bs, "BLOCK_D": _pow2(dim), "PREC": prec}
+    strides = (query.stride(0), query.stride(1), out.stride(0), out.stride(1), meta.block_tables.stride(0))
+    if meta.decode_seqs:
+        plan = _decode_plan(meta, heads, kv_heads, dim, num_splits)
+        split = plan["parts"] > 1
+        dummy = out if not split else None
+        mod.decode_kernel[(len(meta.decode_seqs), kv_heads, plan["parts"])](
+            query, kv, out, meta.block_tables, meta.context_lens, plan["rows"], plan["seqs"],
+            plan.get("m", dummy), plan.get("l", dummy), plan.get("acc", dummy),
+            scale_log2, *strides, kv[0].numel(), window, plan["part_len"], plan["parts"],
+            BLOCK_G=_pow2(group), BLOCK_N=BLOCK_N, SPLIT=split, **common,
+        )
+        if split:
+            mod.reduce_kernel[(len(meta.decode_seqs), heads)](
+                out, plan["rows"], plan["m"], plan["l"], plan["acc"], out.stride(0), out.stride(1),
+                plan["parts"], HEADS=heads, D=dim, BLOCK_P=_pow2(plan["parts"], 2), BLOCK_D=_pow2(dim),
+            )
+    if meta.prefill_seqs:
+        tile_seq, tile_m = _prefill_tiles(meta)
+        mod.prefill_kernel[(tile_seq.numel(), heads)](
+            query, kv, out, meta.block_tables, meta.context_lens, meta.query_start, tile_seq, tile_m,
+            scale_log2, *strides, kv[0].numel(), window,
+            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N_PREFILL, **common,
+        )
+    return out

@@ -1,0 +1,135 @@
+"""Paged attention kernels vs SDPA on contiguous K/V (fp32; Triton under its CPU interpreter)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pagedlab.kernels import KVCache, build_metadata, get_kernel
+
+CONTEXTS = [1, 7, 16, 100, 1000]
+
+
+def make_batch(qlens, ctxs, bs, kv_heads, group, dim, seed=0, spare_blocks=3):
+    """A shuffled block pool holding each sequence's prefix, plus the step's new q/k/v."""
+    gen = torch.Generator().manual_seed(seed)
+    rng = random.Random(seed)
+    need = [-(-c // bs) for c in ctxs]
+    num_blocks = sum(need) + spare_blocks
+    ids = list(range(num_blocks))
+    rng.shuffle(ids)
+    tables, it = [], iter(ids)
+    for n in need:
+        tables.append([next(it) for _ in range(n)])
+    kv = torch.randn(2, num_blocks, bs, kv_heads, dim, generator=gen)  # garbage everywhere else
+    flat = kv.view(2, -1, kv_heads, dim)
+    full_k, full_v, slots, queries = [], [], [], []
+    for q, c, t in zip(qlens, ctxs, tables):
+        k = torch.randn(c, kv_heads, dim, generator=gen)
+        v = torch.randn(c, kv_heads, dim, generator=gen)
+        s = [t[p // bs] * bs + p % bs for p in range(c)]
+        pre = torch.tensor(s[: c - q], dtype=torch.long)
+        flat[0, pre], flat[1, pre] = k[: c - q], v[: c - q]
+        full_k.append(k)
+        full_v.append(v)
+        slots += s[c - q :]
+        queries.append(torch.randn(q, kv_heads * group, dim, generator=gen))
+    meta = build_metadata(qlens, ctxs, tables, slots, bs)
+    new_k = torch.cat([k[c - q :] for k, q, c in zip(full_k, qlens, ctxs)])
+    new_v = torch.cat([v[c - q :] for v, q, c in zip(full_v, qlens, ctxs)])
+    return kv, meta, torch.cat(queries), new_k, new_v, full_k, full_v
+
+
+def reference(query, full_k, full_v, qlens, scale, window=None):
+    outs, r = [], 0
+    for k, v, q in zip(full_k, full_v, qlens):
+        c = k.shape[0]
+        qpos = torch.arange(c - q, c).view(-1, 1)
+        kpos = torch.arange(c)
+        mask = kpos <= qpos
+        if window is not None:
+            mask &= kpos > qpos - window
+        o = F.scaled_dot_product_attention(
+            query[r : r + q].transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+            attn_mask=mask, scale=scale, enable_gqa=True,
+        )
+        outs.append(o.transpose(0, 1))
+        r += q
+    return torch.cat(outs)
+
+
+def check(kernel, qlens, ctxs, bs, kv_heads, group, dim, window=None, seed=0, **kw):
+    kv, meta, q, k, v, full_k, full_v = make_batch(qlens, ctxs, bs, kv_heads, group, dim, seed)
+    scale = dim**-0.5
+    out = get_kernel(kernel).attention(q, k, v, kv, meta, scale, window, **kw)
+    ref = reference(q, full_k, full_v, qlens, scale, window)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-4)
+    flat = kv.view(2, -1, kv_heads, dim)
+    assert torch.equal(flat[0, meta.slot_mapping], k) and torch.equal(flat[1, meta.slot_mapping], v)
+
+
+@pytest.mark.parametrize("dim", [64, 128])
+@pytest.mark.parametrize("group", [1, 2, 4, 8])
+@pytest.mark.parametrize("bs", [1, 8, 16, 32, 64, 128])
+def test_gather_decode(bs, group, dim):
+    ctxs = random.Random(bs * group + dim).sample(CONTEXTS, len(CONTEXTS))
+    check("torch_gather", [1] * len(ctxs), ctxs, bs, 2, group, dim, seed=bs + group)
+
+
+@pytest.mark.parametrize("dim", [64, 128])
+@pytest.mark.parametrize("group", [1, 2, 4, 8])
+@pytest.mark.parametrize("bs", [8, 16, 32, 64, 128])
+def test_triton_decode(bs, group, dim):
+    ctxs = random.Random(bs * group + dim).sample(CONTEXTS, len(CONTEXTS))
+    check("triton", [1] * len(ctxs), ctxs, bs, 1, group, dim, seed=bs + group)
+
+
+# mixed batches: pure prefill, prefill over a cached prefix (prefix-cache hit / chunk / recompute),
+# multi-tile prefill, and decode tokens, in one flattened batch
+MIXED_Q = [5, 1, 7, 40, 1, 3]
+MIXED_C = [5, 1000, 40, 100, 7, 16]
+
+
+@pytest.mark.parametrize("kernel", ["torch_gather", "triton"])
+@pytest.mark.parametrize("bs,group,dim", [(1, 2, 64), (8, 4, 64), (16, 1, 128), (32, 8, 64), (128, 2, 128)])
+def test_prefill_over_paged_prefix(kernel, bs, group, dim):
+    if kernel == "triton" and bs == 1:
+        bs = 8
+    check(kernel, MIXED_Q, MIXED_C, bs, 2, group, dim, seed=bs)
+
+
+@pytest.mark.parametrize("kernel", ["torch_gather", "triton"])
+def test_sliding_window(kernel):
+    check(kernel, MIXED_Q, MIXED_C, 16, 2, 2, 64, window=24)
+
+
+@pytest.mark.parametrize("splits", [2, 5])
+def test_triton_split_decode(splits):
+    check("triton", [1] * 5, CONTEXTS, 16, 2, 4, 64, num_splits=splits)
+    check("triton", [1, 1, 4], [1000, 30, 300], 16, 2, 2, 64, window=100, num_splits=splits)
+
+
+def test_triton_write_kv_matches_gather():
+    kv, meta, _, k, v, *_ = make_batch(MIXED_Q, MIXED_C, 16, 2, 2, 64)
+    kv2 = kv.clone()
+    get_kernel("triton").write_kv(kv, k, v, meta)
+    get_kernel("torch_gather").write_kv(kv2, k, v, meta)
+    assert torch.equal(kv, kv2)
+
+
+def test_kv_cache_copy_and_swap_roundtrip():
+    cache = KVCache(3, num_blocks=10, block_size=4, num_kv_heads=2, head_dim=8, dtype=torch.float32,
+                    device="cpu", num_swap_blocks=6)
+    assert cache[1].shape == (2, 10, 4, 2, 8) and len(cache) == 3
+    cache.pool.copy_(torch.randn_like(cache.pool))
+    before = cache.pool.clone()
+    cache.copy_blocks([(1, 7), (2, 8)])
+    assert torch.equal(cache.pool[:, :, 7], before[:, :, 1]) and torch.equal(cache.pool[:, :, 8], before[:, :, 2])
+    cache.swap_out([(3, 5), (4, 0)])
+    cache.pool[:, :, [3, 4]] = 0
+    cache.swap_in([(5, 9), (0, 6)])
+    assert torch.equal(cache.pool[:, :, 9], before[:, :, 3]) and torch.equal(cache.pool[:, :, 6], before[:, :, 4])
+    assert cache.block_bytes == 3 * 2 * 4 * 2 * 8 * 4
