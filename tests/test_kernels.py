@@ -13,17 +13,21 @@ from pagedlab.kernels import KVCache, build_metadata, get_kernel
 CONTEXTS = [1, 7, 16, 100, 1000]
 
 
-def make_batch(qlens, ctxs, bs, kv_heads, group, dim, seed=0, spare_blocks=3):
-    """A shuffled block pool holding each sequence's prefix, plus the step's new q/k/v."""
+def make_batch(qlens, ctxs, bs, kv_heads, group, dim, seed=0, spare_blocks=3, layout="shuffled"):
+    """A block pool holding each sequence's prefix, plus the step's new q/k/v. layout: "shuffled"
+    (blocks in random order), "runs" (each table one run of consecutive blocks, after a spare
+    block), "mixed" (runs, but every other sequence's table reversed)."""
     gen = torch.Generator().manual_seed(seed)
     rng = random.Random(seed)
     need = [-(-c // bs) for c in ctxs]
     num_blocks = sum(need) + spare_blocks
     ids = list(range(num_blocks))
-    rng.shuffle(ids)
-    tables, it = [], iter(ids)
-    for n in need:
-        tables.append([next(it) for _ in range(n)])
+    if layout == "shuffled":
+        rng.shuffle(ids)
+    tables, it = [], iter(ids[1:] + ids[:1] if layout != "shuffled" else ids)
+    for i, n in enumerate(need):
+        table = [next(it) for _ in range(n)]
+        tables.append(table[::-1] if layout == "mixed" and i % 2 else table)
     kv = torch.randn(2, num_blocks, bs, kv_heads, dim, generator=gen)  # garbage everywhere else
     flat = kv.view(2, -1, kv_heads, dim)
     full_k, full_v, slots, queries = [], [], [], []
@@ -61,8 +65,8 @@ def reference(query, full_k, full_v, qlens, scale, window=None):
     return torch.cat(outs)
 
 
-def check(kernel, qlens, ctxs, bs, kv_heads, group, dim, window=None, seed=0, **kw):
-    kv, meta, q, k, v, full_k, full_v = make_batch(qlens, ctxs, bs, kv_heads, group, dim, seed)
+def check(kernel, qlens, ctxs, bs, kv_heads, group, dim, window=None, seed=0, layout="shuffled", **kw):
+    kv, meta, q, k, v, full_k, full_v = make_batch(qlens, ctxs, bs, kv_heads, group, dim, seed, layout=layout)
     scale = dim**-0.5
     out = get_kernel(kernel).attention(q, k, v, kv, meta, scale, window, **kw)
     ref = reference(q, full_k, full_v, qlens, scale, window)
@@ -77,6 +81,31 @@ def check(kernel, qlens, ctxs, bs, kv_heads, group, dim, window=None, seed=0, **
 def test_gather_decode(bs, group, dim):
     ctxs = random.Random(bs * group + dim).sample(CONTEXTS, len(CONTEXTS))
     check("torch_gather", [1] * len(ctxs), ctxs, bs, 2, group, dim, seed=bs + group)
+
+
+@pytest.mark.parametrize("min_tokens", [1, 256])
+@pytest.mark.parametrize("layout", ["runs", "mixed"])
+@pytest.mark.parametrize("bs,group", [(1, 4), (16, 1), (16, 4), (32, 8)])
+def test_gather_decode_zero_copy_runs(monkeypatch, bs, group, layout, min_tokens):
+    """Sequences stored in one run of consecutive blocks attend to a view of the pool, the others
+    are gathered; both match SDPA on contiguous K/V (with and without a sliding window)."""
+    from pagedlab.kernels import torch_gather
+
+    monkeypatch.setattr(torch_gather, "VIEW_MIN_TOKENS", min_tokens)
+    ctxs = [1000, 7, 300, 16, 1, 100, 257]
+    check("torch_gather", [1] * len(ctxs), ctxs, bs, 2, group, 64, seed=bs, layout=layout)
+    check("torch_gather", [1] * len(ctxs), ctxs, bs, 2, group, 64, window=40, seed=bs, layout=layout)
+    kv, meta, *_ = make_batch([1] * len(ctxs), ctxs, bs, 2, group, 64, bs, layout=layout)
+    views, chunks = torch_gather._decode_plan(meta, kv, None)
+    viewed = {row for row, _, _ in views}
+    expect = {i for i, c in enumerate(ctxs) if c >= min_tokens and (layout == "runs" or i % 2 == 0 or c <= bs)}
+    assert viewed == expect
+    assert sum(rows.numel() for rows, *_ in chunks) == len(ctxs) - len(views)
+
+
+def test_gather_decode_runs_mixed_with_prefill():
+    check("torch_gather", MIXED_Q, MIXED_C, 16, 2, 2, 64, layout="runs")
+    check("torch_gather", MIXED_Q, MIXED_C, 16, 2, 2, 64, window=24, layout="mixed")
 
 
 @pytest.mark.parametrize("dim", [64, 128])

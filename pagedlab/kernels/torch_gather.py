@@ -5,8 +5,10 @@ sequence's blocks through its block table into contiguous K/V and calls
 `scaled_dot_product_attention`; the new tokens are causal among themselves and see the whole
 cached prefix, so prefill, decode, prefix-cache hits and recompute are one code path.
 
-Decode (one new token per sequence) is batched: sequences are sorted by context length and cut into
-chunks whose gathered K/V fit a reusable workspace (cache-sized on the CPU, large on CUDA); each chunk
+Decode (one new token per sequence): a sequence whose visible tokens sit in one run of consecutive
+slots (blocks allocated together, as a prompt's are) of at least VIEW_MIN_TOKENS attends to a strided
+view of the pool with its own SDPA call, so nothing is copied. The others are batched: sorted by
+context length and cut into chunks whose gathered K/V fit a reusable workspace (cache-sized on the CPU, large on CUDA); each chunk
 is one `index_select` of whole blocks plus one SDPA call with a padding mask. The query heads of a
 KV group are packed into SDPA's query-length axis ([B, kv_heads, group, D]), so no K/V head is
 repeated. Prefill sequences loop; one without cached prefix attends to its own new K/V directly.
@@ -20,6 +22,7 @@ import torch.nn.functional as F
 from pagedlab.kernels.metadata import PagedMetadata
 
 CHUNK_BYTES = {"cpu": 16 << 20, "cuda": 1 << 30}  # gathered K+V per decode chunk
+VIEW_MIN_TOKENS = 256  # a run of consecutive slots this long is read in place, not gathered
 _workspace: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
 
@@ -47,24 +50,35 @@ def _gather(kv: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
     return out.view(2, -1, *kv.shape[3:])
 
 
-def _decode_plan(meta: PagedMetadata, kv: torch.Tensor, window: int | None) -> list[tuple]:
-    """Chunks of decode sequences: (token rows, flat block ids, padded length, mask or None)."""
-    key = ("gather_decode", window, kv.dtype)
-    if key in meta.plans:
-        return meta.plans[key]
+def _runs(table: list[int], lo: int, hi: int, bs: int) -> list[tuple[int, int, int]]:
+    """Tokens [lo, hi) of a sequence as maximal runs of consecutive physical slots:
+    (first token, first slot, length)."""
+    runs: list[tuple[int, int, int]] = []
+    for b in range(lo // bs, -(-hi // bs)):
+        t0, t1 = max(lo, b * bs), min(hi, (b + 1) * bs)
+        slot = table[b] * bs + t0 % bs
+        if runs and runs[-1][1] + runs[-1][2] == slot:
+            runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + t1 - t0)
+        else:
+            runs.append((t0, slot, t1 - t0))
+    return runs
+
+
+def _gather_chunks(meta: PagedMetadata, seqs: list[int], kv: torch.Tensor, window: int | None) -> list[tuple]:
+    """Chunks of sequences to gather: (token rows, flat block ids, padded length, mask or None)."""
     bs, clens, dev = meta.block_size, meta.context_lens_list, kv.device
-    order = sorted(meta.decode_seqs, key=lambda s: -clens[s])
+    order = sorted(seqs, key=lambda s: -clens[s])
     token_bytes = 2 * kv[0, 0, 0].numel() * kv.element_size()
     budget = CHUNK_BYTES.get(dev.type, CHUNK_BYTES["cuda"])
-    plan, i = [], 0
+    chunks, i = [], 0
     while i < len(order):
         padded = -(-clens[order[i]] // bs) * bs  # longest first: sets the chunk's width
         n = max(1, min(len(order) - i, budget // (padded * token_bytes)))
-        seqs = order[i : i + n]
-        idx = torch.tensor(seqs, dtype=torch.long, device=dev)
+        chunk = order[i : i + n]
+        idx = torch.tensor(chunk, dtype=torch.long, device=dev)
         rows = meta.query_start[idx].long()
         blocks = meta.block_tables[idx, : padded // bs].reshape(-1).long()
-        lens = [clens[s] for s in seqs]
+        lens = [clens[s] for s in chunk]
         mask = None
         if min(lens) < padded or (window is not None and padded > window):
             pos = torch.arange(padded, device=dev)
@@ -72,8 +86,33 @@ def _decode_plan(meta: PagedMetadata, kv: torch.Tensor, window: int | None) -> l
             mask = pos < ctx
             if window is not None:
                 mask &= pos >= ctx - window
-        plan.append((rows, blocks, padded, mask))
+        chunks.append((rows, blocks, padded, mask))
         i += n
+    return chunks
+
+
+def _decode_plan(meta: PagedMetadata, kv: torch.Tensor, window: int | None) -> tuple[list, list]:
+    """Decode work of the step, computed once and shared by all layers.
+
+    Returns (views, chunks). `views` holds (token row, first slot, length) for sequences whose
+    visible tokens are one run of at least VIEW_MIN_TOKENS consecutive slots: they attend to a view
+    of the pool, with no copy. `chunks` batches the other sequences for gathering.
+    """
+    key = ("gather_decode", window, kv.dtype)
+    if key in meta.plans:
+        return meta.plans[key]
+    bs, clens = meta.block_size, meta.context_lens_list
+    tables = meta.block_tables.tolist()
+    views, gathered = [], []
+    for s in meta.decode_seqs:
+        ctx = clens[s]
+        lo = 0 if window is None else max(0, ctx - window)
+        runs = _runs(tables[s], lo, ctx, bs)
+        if len(runs) == 1 and runs[0][2] >= VIEW_MIN_TOKENS:
+            views.append((meta.query_start_list[s], runs[0][1], runs[0][2]))
+        else:
+            gathered.append(s)
+    plan = views, _gather_chunks(meta, gathered, kv, window)
     meta.plans[key] = plan
     return plan
 
@@ -103,7 +142,14 @@ def attention(
     kv_heads = kv.shape[3]
     group = heads // kv_heads
     out = torch.empty(num_tokens, heads, dim, dtype=query.dtype, device=query.device)
-    for rows, blocks, padded, mask in _decode_plan(meta, kv, sliding_window):
+    views, chunks = _decode_plan(meta, kv, sliding_window)
+    if views:
+        flat = kv.view(2, -1, kv_heads, dim)
+        for row, slot, n in views:  # strided views [1, kv_heads, n, D] of the pool: no copy
+            k, v = flat[:, slot : slot + n].to(query.dtype).transpose(1, 2).unsqueeze(1).unbind(0)
+            q = query[row].view(1, kv_heads, group, dim)
+            out[row] = F.scaled_dot_product_attention(q, k, v, scale=scale).view(heads, dim)
+    for rows, blocks, padded, mask in chunks:
         k, v = _gather(kv, blocks).view(2, rows.numel(), padded, kv_heads, dim).to(query.dtype).unbind(0)
         q = query.index_select(0, rows).view(-1, kv_heads, group, dim)
         o = F.scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale)
