@@ -21,7 +21,7 @@ _LAZY = {
     "memory_breakdown": "pagedlab.app.plots",
 }
 
-__all__ = [*_LAZY, "__version__"]
+__all__ = ["RunResult", "compare", "compose", "load_results", "memory_breakdown", "run_experiment", "sweep"]
 
 
 def __getattr__(name: str) -> Any:

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from pagedlab.cfg_access import cfg_get as _get
 from pagedlab.engine.engine import Engine
 from pagedlab.engine.request import Request, SamplingParams
 from pagedlab.engine.result import RunResult
@@ -35,15 +36,6 @@ class Built:
     model: ModelSpec
     num_blocks: int
     num_swap_blocks: int
-
-
-def _get(cfg: Any, dotted: str, default: Any = None) -> Any:
-    node = cfg
-    for part in dotted.split("."):
-        node = node.get(part) if hasattr(node, "get") else getattr(node, part, None)
-        if node is None:
-            return default
-    return node
 
 
 def num_blocks_for(budget_bytes: float, block_size: int, kv_bytes_per_token: int, what: str) -> int:
@@ -155,10 +147,8 @@ def run_experiment(cfg: Any, progress: bool = True,
 
 
 def _to_dict(cfg: Any) -> dict[str, Any]:
-    try:
-        from omegaconf import OmegaConf
+    from omegaconf import OmegaConf
 
+    if OmegaConf.is_config(cfg):
         return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
-    except Exception:
-        return dict(cfg) if hasattr(cfg, "keys") else {}
-
+    return dict(cfg) if hasattr(cfg, "keys") else {}

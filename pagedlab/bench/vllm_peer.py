@@ -24,7 +24,8 @@ def main() -> None:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    requests = json.load(open(requests_path))
+    with open(requests_path) as f:
+        requests = json.load(f)
     max_len = max(len(p) + n for p, n in requests)
     llm = LLM(model=model_dir, skip_tokenizer_init=True, block_size=block_size, dtype="float32",
               max_model_len=max(max_len, 64), enforce_eager=True, seed=0)

@@ -148,9 +148,9 @@ def summarize(steps: pd.DataFrame, requests: pd.DataFrame, time_source: str) -> 
         "sharing_saving": float(1 - decode["used_blocks"].sum() / logical) if logical else 0.0,
         "prefix_hit_tokens": int(steps["prefix_hit_tokens"].sum()),
         "num_rejected": num_rejected,
-        "num_finished": int(len(first_rows)),
+        "num_finished": len(first_rows),
         "generated_tokens": generated,
-        "num_steps": int(len(steps)),
+        "num_steps": len(steps),
         "makespan_s": makespan if generated else 0.0,
         "time_source": time_source,
     }

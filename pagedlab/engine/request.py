@@ -83,7 +83,7 @@ class GroupStatus(enum.Enum):
 class Sequence:
     """One token stream with KV in the cache. `num_computed` tokens already have KV."""
 
-    __slots__ = ("seq_id", "tokens", "prompt_len", "num_computed", "cum_logprob", "finish_reason", "ready")
+    __slots__ = ("cum_logprob", "finish_reason", "num_computed", "prompt_len", "ready", "seq_id", "tokens")
 
     def __init__(self, seq_id: int, tokens: list[int], prompt_len: int) -> None:
         self.seq_id = seq_id

@@ -10,10 +10,12 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
 
+from pagedlab.cfg_access import cfg_get
 from pagedlab.executors.base import ModelInput, StepInput, StepOutput
 from pagedlab.kernels import KVCache, build_metadata, get_kernel
 from pagedlab.models.hf_adapter import HFModel, resolve_dtype
@@ -145,14 +147,7 @@ def load_for_engine(cfg: Any) -> EngineParts:
     `kv_cache.{gpu_memory_utilization,cpu_budget_gib}`. Tiny models are always built with seed 0, so
     `tiny_llama` names one fixed model whatever the workload seed.
     """
-    def get(dotted: str, default: Any = None) -> Any:
-        node = cfg
-        for part in dotted.split("."):
-            node = node.get(part) if hasattr(node, "get") else getattr(node, part, None)
-            if node is None:
-                return default
-        return node
-
+    get = partial(cfg_get, cfg)
     name, path = get("model.name", "tiny_llama"), get("model.name_or_path")
     if path is None and not name.startswith("tiny_"):
         raise ValueError(f"executor=torch with model={name} needs model.name_or_path (a local folder or hub "
