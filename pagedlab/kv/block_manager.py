@@ -193,6 +193,19 @@ class BlockManager:
     def _note_ext_frag(self) -> None:
         self._ext_frag = max(self._ext_frag, self._runs.free_blocks * self.block_size)
 
+    def _take_run(self, res: int, what: str) -> int:
+        """First block of a fresh contiguous run of `res` blocks; raises (noting external
+        fragmentation when enough blocks are free in total) if there is none."""
+        start = self._runs.allocate(res)
+        if start is None:
+            if self._runs.free_blocks >= res:
+                self._note_ext_frag()
+            raise KVCacheError(
+                f"{what} needs a contiguous run of {res} blocks "
+                f"(free blocks={self._runs.free_blocks}, largest run={self._runs.largest()})"
+            )
+        return start
+
     def _release(self, table: list[int], n: int) -> int:
         """Drop one reference per table entry (tail first, so the LRU evicts tails first); return
         the filled slots of blocks that became unreferenced."""
@@ -262,14 +275,7 @@ class BlockManager:
         nb = self._blocks(n)
         if not self._paged:
             res = self._reservation(max(final_len, n))
-            start = self._runs.allocate(res)
-            if start is None:
-                if self._runs.free_blocks >= res:
-                    self._note_ext_frag()
-                raise KVCacheError(
-                    f"no contiguous run of {res} blocks for sequence {seq_id!r} "
-                    f"(free blocks={self._runs.free_blocks}, largest run={self._runs.largest()})"
-                )
+            start = self._take_run(res, f"sequence {seq_id!r}")
             self._tables[seq_id] = list(range(start, start + nb))
             self._res_start[seq_id] = start
             self._res_len[seq_id] = res
@@ -356,14 +362,7 @@ class BlockManager:
             self._logical += len(table)
         else:
             res = self._res_len[parent_id]
-            start = self._runs.allocate(res)
-            if start is None:
-                if self._runs.free_blocks >= res:
-                    self._note_ext_frag()
-                raise KVCacheError(
-                    f"fork of {parent_id!r} needs a contiguous run of {res} blocks "
-                    f"(free blocks={self._runs.free_blocks}, largest run={self._runs.largest()})"
-                )
+            start = self._take_run(res, f"fork of {parent_id!r}")
             table = list(range(start, start + len(ptable)))
             copies = list(zip(ptable, table))
             self._res_start[child_id] = start
