@@ -242,11 +242,14 @@ class Engine:
             survivors.append(seq)
         group.seqs = survivors
         done_eos = len([s for s in group.done if s.finish_reason == "eos"]) >= k
-        if survivors and (survivors[0].output_len >= group.sampling.max_tokens or done_eos):
+        at_max = bool(survivors) and survivors[0].output_len >= group.sampling.max_tokens
+        if at_max or done_eos or not survivors:
+            # Finished hypotheses only, as HF's beam search returns (early_stopping=True): live beams
+            # join them when they reach max_tokens, not when k hypotheses ended with EOS first.
             for seq in survivors:
-                seq.finish_reason = seq.finish_reason or "length"
+                seq.finish_reason = "length"
                 self.scheduler.free_seq(seq)
-            group.done = sorted(group.done + survivors, key=lambda s: -s.cum_logprob)[:k]
+            group.done = sorted(group.done + (survivors if at_max else []), key=lambda s: -s.cum_logprob)[:k]
             group.seqs = []
 
     def _finish(self, group: SequenceGroup, now: float) -> int:

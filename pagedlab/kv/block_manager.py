@@ -380,14 +380,21 @@ class BlockManager:
 
     # ------------------------------------------------------------------ decode (hot path)
     def _append_need(self, seq_ids: Sequence[int]) -> int:
-        """Blocks a paged append of ``seq_ids`` takes (new last block or copy-on-write)."""
+        """Blocks a paged append of ``seq_ids`` takes (new last block or copy-on-write). When every
+        holder of a shared last block appends, the last one to do so holds it alone by then and
+        writes in place, as ``append_slots`` does: k writers of a block with ref count r copy
+        k times if k < r, else r - 1 times."""
         bs, ntok, tables, ref = self.block_size, self._ntok, self._tables, self._pool.ref
         need = 0
+        writers: dict[int, int] = {}  # shared last block -> how many of seq_ids write into it
         for sid in seq_ids:
-            n = ntok[sid]
-            if n % bs == 0 or ref[tables[sid][-1]] > 1:
+            if ntok[sid] % bs == 0:
                 need += 1
-        return need
+            else:
+                last = tables[sid][-1]
+                if ref[last] > 1:
+                    writers[last] = writers.get(last, 0) + 1
+        return need + sum(k - (k == ref[b]) for b, k in writers.items())
 
     def _blocked_growth(self, seq_ids: Sequence[int]) -> int:
         """Contiguous: sequences whose reservation is full and whose next block is not free."""
