@@ -154,14 +154,16 @@ GREEDY = [
          (), id="qwen2-pow2-admission-waits"),  # reservations never grow: requests wait instead
     slow("llama", {"workload.n": 3, "cow": True, "eviction.mode": "swap", "kv_cache.num_blocks": 10},
          (*SWAPS, "cow_copies"), id="llama-n3-cow-swap"),
-    slow("qwen2", {"workload.n": 3, "cow": False, "kv_cache.num_blocks": 10}, (*PREEMPTS, "fork_copies"),
+    slow("qwen2", {"workload.n": 3, "cow": False, "kv_cache.num_blocks": 10, "kv_cache.swap_gib": 0},
+         (*PREEMPTS, "fork_copies"),
          id="qwen2-n3-copy-recompute"),
     slow("llama", {"workload.n": 2, "allocator.name": "contiguous_oracle"}, (), id="llama-n2-oracle"),
     slow("qwen2", {"prefix_cache": True, "block_size": 4, "workload.shared_prefix_len": 24,
                    "workload.prompt_len": [26, 40], "workload.request_rate": 20.0}, (),
          id="qwen2-prefix-poisson"),  # arrivals on the wall clock: hits vary, tokens must not
     slow("llama", {**TIGHT, "prefix_cache": True, "workload.shared_prefix_len": 32, "workload.n": 2,
-                   "workload.prompt_len": [34, 40]}, ("prefix_hit_rate", *PREEMPTS), id="llama-prefix-n2-tight"),
+                   "workload.prompt_len": [34, 40], "kv_cache.swap_gib": 0}, ("prefix_hit_rate", *PREEMPTS),
+         id="llama-prefix-n2-tight"),  # no host space: the n=2 groups are recomputed, hitting the cache
     pytest.param("qwen2", {**TRITON, "block_size": 8}, (), id="qwen2-triton"),
     slow("llama", {**TRITON, "block_size": 16, "cow": True, "workload.n": 2}, ("cow_copies",),
          id="llama-triton-n2-cow"),
@@ -236,7 +238,9 @@ BEAM = {"workload.num_requests": 3, "workload.prompt_len": [4, 24], "workload.ou
     pytest.param("qwen2", 2, {"cow": False, "block_size": 4}, ("fork_copies",), id="qwen2-2-copy"),
     slow("qwen2", 4, {"block_size": 1}, (), id="qwen2-4-block1"),
     slow("llama", 4, {"allocator.name": "contiguous_pow2"}, (), id="llama-4-pow2"),
-    slow("llama", 3, {"block_size": 8, "kv_cache.num_blocks": 10}, PREEMPTS, id="llama-3-recompute"),
+    # no host space: a beam group is recomputed (with room on the host it would be swapped, as in vLLM)
+    slow("llama", 3, {"block_size": 8, "kv_cache.num_blocks": 10, "kv_cache.swap_gib": 0}, PREEMPTS,
+         id="llama-3-recompute"),
     slow("qwen2", 3, {"block_size": 8, "kv_cache.num_blocks": 10, "eviction.mode": "swap"}, SWAPS, id="qwen2-3-swap"),
     slow("qwen2", 3, {"cow": False, "block_size": 8, "kv_cache.num_blocks": 12, "eviction.mode": "swap",
                       "workload.num_requests": 6}, (*SWAPS, "fork_copies"), id="qwen2-3-copy-swap"),

@@ -167,3 +167,16 @@ def test_paper_scale_memory_waste_paged_vs_contiguous_max():
     assert paged["memory_waste"] < 0.04
     assert 0.12 < 1 - orca_max["memory_waste"] < 0.30
     assert paged["batch_size_mean"] > 2 * orca_max["batch_size_mean"]
+
+
+def test_recompute_mode_swaps_groups_of_several_sequences():
+    """Recomputing 3 beams re-prefills each on its own (9 blocks > 8): the group that fitted with
+    sharing could never come back, so, as in vLLM, such groups are swapped while the host has room."""
+    cfg = {"model.name": "tiny_llama", "max_model_len": 256, "block_size": 8, "kv_cache.num_blocks": 8,
+           "workload.num_requests": 3, "workload.prompt_len": [4, 24], "workload.output_len": [3, 10],
+           "workload.beam_width": 3}
+    result = run(**cfg)
+    s = result.summary
+    assert s["num_rejected"] == 0 and s["num_preemptions"] > 0
+    assert s["swapped_out_blocks"] > 0 and s["recomputed_tokens"] == 0
+    assert (result.requests.output_len == result.requests.max_tokens).all()

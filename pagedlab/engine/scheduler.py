@@ -224,13 +224,16 @@ class Scheduler:
         out.num_preempted += 1
         group.num_preemptions += 1
         ids = group.seq_ids()
-        if self.eviction_mode == "swap":
+        # Like vLLM, a group of several live sequences is swapped even under recompute when the host
+        # has room: recomputing re-prefills each sequence on its own, losing the sharing that let the
+        # group fit at all.
+        if self.eviction_mode == "swap" or len(ids) > 1:
             if self.bm.can_swap_out(ids):
                 out.swap_out += self.bm.swap_out(ids)
                 group.status = GroupStatus.SWAPPED
                 self.swapped.append(group)
                 return
-            out.num_swap_fallbacks += 1
+            out.num_swap_fallbacks += self.eviction_mode == "swap"
         for seq in group.seqs:
             self.free_seq(seq)
             seq.num_computed = 0
