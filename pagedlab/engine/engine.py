@@ -94,7 +94,7 @@ class Engine:
         stats = self.bm.stats()
         row = self._step_row(sched, model_input, stats)
         tails = self.bm.unfilled_tails()
-        if model_input.num_seqs or sched.swap_out or sched.swap_in:
+        if model_input.num_seqs or sched.swap_out or sched.swap_in or sched.fork_copies:
             out = self.executor.execute(StepInput(
                 model_input, sched.fork_copies, sched.swap_out, sched.swap_in, sched.block_copies))
             self.chooser.begin_step(out.logits)
