@@ -10,7 +10,6 @@ simulator uses the `hardware` preset; the torch executor the real device; on the
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -23,7 +22,7 @@ from pagedlab.engine.sampler import LogitsChooser, SimChooser
 from pagedlab.engine.scheduler import Scheduler
 from pagedlab.executors.sim import SimExecutor
 from pagedlab.kv import BlockManager
-from pagedlab.models.presets import GIB, ModelSpec, hardware_spec, model_spec
+from pagedlab.models.presets import GIB, ModelSpec, hardware_spec, model_spec, num_blocks_in_budget
 from pagedlab.workloads import synthetic_requests, trace_requests
 
 
@@ -41,7 +40,7 @@ class Built:
 def num_blocks_for(budget_bytes: float, block_size: int, kv_bytes_per_token: int, what: str) -> int:
     """Blocks a byte budget holds; a budget smaller than one block is an error."""
     block_bytes = block_size * kv_bytes_per_token
-    n = math.floor(budget_bytes / block_bytes)
+    n = num_blocks_in_budget(budget_bytes, block_size, kv_bytes_per_token)
     if n < 1:
         raise ValueError(f"{what}={budget_bytes / GIB:.4g} GiB holds no block: one block of {block_size} tokens "
                          f"needs {block_bytes} bytes ({kv_bytes_per_token} bytes per token)")
@@ -99,7 +98,7 @@ def build(cfg: Any) -> Built:
         num_blocks = num_blocks_for(budget, block_size, spec.kv_bytes_per_token,
                                     "kv_cache.budget_gib" if budget_gib is not None else budget_what)
     swap_gib = float(_get(cfg, "kv_cache.swap_gib", 0.0))
-    num_swap = math.floor(swap_gib * GIB / (block_size * spec.kv_bytes_per_token))
+    num_swap = num_blocks_in_budget(swap_gib * GIB, block_size, spec.kv_bytes_per_token)
 
     bm = BlockManager(
         int(num_blocks), block_size,

@@ -19,14 +19,18 @@ from pagedlab.cfg_access import cfg_get
 from pagedlab.executors.base import ModelInput, StepInput, StepOutput
 from pagedlab.kernels import KVCache, build_metadata, get_kernel
 from pagedlab.models.hf_adapter import HFModel, resolve_dtype
-from pagedlab.models.presets import GIB, ModelSpec, spec_from_hf_config
+from pagedlab.models.presets import GIB, ModelSpec, num_blocks_in_budget, spec_from_hf_config
 
 CPU_BUDGET_BYTES = 1 << 28  # 0.25 GiB of KV when running on the CPU with no budget given
 
 
-def num_blocks_from_budget(budget_bytes: int, block_size: int, kv_bytes_per_token: int) -> int:
-    """`floor(budget_bytes / (block_size * kv_bytes_per_token))`."""
-    return int(budget_bytes) // (block_size * kv_bytes_per_token)
+num_blocks_from_budget = num_blocks_in_budget  # the one sizing rule (design.md), shared with the simulator
+
+
+def default_budget_bytes(device: torch.device, free_before: int, utilization: float, weight_bytes: int,
+                         cpu_budget_bytes: float = CPU_BUDGET_BYTES) -> float:
+    """A serving engine's KV budget: on CUDA free memory before loading x utilization - weights."""
+    return free_before * utilization - weight_bytes if device.type == "cuda" else cpu_budget_bytes
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -82,10 +86,8 @@ class TorchExecutor:
         self.block_size = block_size
         if num_blocks is None:
             if budget_bytes is None:
-                budget_bytes = (
-                    int(free_before * gpu_memory_utilization) - self.model.weight_bytes
-                    if self.device.type == "cuda" else CPU_BUDGET_BYTES
-                )
+                budget_bytes = default_budget_bytes(self.device, free_before, gpu_memory_utilization,
+                                                    self.model.weight_bytes)
             num_blocks = num_blocks_from_budget(budget_bytes, block_size, self.kv_bytes_per_token)
         if num_blocks < 1:
             raise ValueError(f"KV budget {budget_bytes} bytes holds no block of {block_size} tokens "
@@ -158,13 +160,10 @@ def load_for_engine(cfg: Any) -> EngineParts:
     model = load_model(path or name, get("model.dtype", "auto"), device, seed=0)
     dtype_name = str(model.dtype).removeprefix("torch.")
     spec = spec_from_hf_config(model.model.config.get_text_config(), path or name, dtype_name)
-    if device.type == "cuda":
-        util = float(get("kv_cache.gpu_memory_utilization", 0.9))
-        budget = free_before * util - model.weight_bytes
-        what = "free device memory x kv_cache.gpu_memory_utilization - weights"
-    else:
-        budget = float(get("kv_cache.cpu_budget_gib", CPU_BUDGET_BYTES / GIB)) * GIB
-        what = "kv_cache.cpu_budget_gib"
+    budget = default_budget_bytes(device, free_before, float(get("kv_cache.gpu_memory_utilization", 0.9)),
+                                  model.weight_bytes, float(get("kv_cache.cpu_budget_gib", CPU_BUDGET_BYTES / GIB)) * GIB)
+    what = ("free device memory x kv_cache.gpu_memory_utilization - weights" if device.type == "cuda"
+            else "kv_cache.cpu_budget_gib")
     eos = getattr(model.model.generation_config, "eos_token_id", None) or model.model.config.eos_token_id
     if isinstance(eos, (list, tuple)):
         eos = eos[0] if eos else None

@@ -7,6 +7,7 @@ bf16/fp16 math and HBM bandwidth; the cost model applies achievable-efficiency f
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -65,6 +66,11 @@ class HardwareSpec:
     compute_efficiency: float = 0.6
     bandwidth_efficiency: float = 0.8
     step_overhead_s: float = 2e-3  # scheduling, kernel launches, sampling per engine step
+
+
+def num_blocks_in_budget(budget_bytes: float, block_size: int, kv_bytes_per_token: int) -> int:
+    """`floor(budget_bytes / (block_size * kv_bytes_per_token))`: blocks a KV byte budget holds."""
+    return math.floor(budget_bytes / (block_size * kv_bytes_per_token))
 
 
 def _llama(name: str, layers: int, hidden: int, heads: int, kv: int, inter: int, **kw: Any) -> ModelSpec:
