@@ -40,6 +40,8 @@ def kernels(device: torch.device) -> ModuleType:
             import triton  # noqa: F401
         except ImportError as err:  # pragma: no cover - platform without Triton
             raise RuntimeError("kernel=triton needs the `triton` package; use kernel=torch_gather") from err
+        if interpret:
+            _mend_old_interpreter()
         previous = os.environ.get("TRITON_INTERPRET")
         os.environ["TRITON_INTERPRET"] = "1" if interpret else "0"
         name = f"{__package__}.triton_kernels" + ("_interpreted" if interpret else "")
@@ -53,6 +55,26 @@ def kernels(device: torch.device) -> ModuleType:
                 os.environ["TRITON_INTERPRET"] = previous
         _modules[interpret] = mod
     return _modules[interpret]
+
+
+def _mend_old_interpreter() -> None:
+    """Triton < 3.7's interpreter turns a loop bound into an int with `int(array)`, which NumPy >= 2.4
+    refuses for its 1-element arrays; install the `squeeze()` that Triton 3.7 added (idempotent)."""
+    import triton
+    from triton.runtime import interpreter
+
+    patch = getattr(interpreter, "_patch_lang_tensor", None)
+    if tuple(int(x) for x in triton.__version__.split(".")[:2]) >= (3, 7) or patch is None:
+        return
+    if getattr(patch, "mended", False):
+        return
+
+    def mended(tensor, scope) -> None:
+        patch(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    mended.mended = True
+    interpreter._patch_lang_tensor = mended
 
 
 def _precision(dtype: torch.dtype) -> str:

@@ -44,6 +44,27 @@ def write_kv_kernel(key_ptr, value_ptr, cache_ptr, slot_ptr, stride_k, stride_v,
 
 
 @triton.jit
+def _kv_offsets(table_ptr, s, stride_table, offs_n, ok, h, offs_d,
+                KV_HEADS: tl.constexpr, D: tl.constexpr, BS: tl.constexpr):
+    """Pool offsets [BLOCK_N, BLOCK_D] of the keys at positions `offs_n` of sequence s, KV head h."""
+    blk = tl.load(table_ptr + s * stride_table + offs_n // BS, mask=ok, other=0).to(tl.int64)
+    return (blk * BS + offs_n % BS)[:, None] * (KV_HEADS * D) + h * D + offs_d[None, :]
+
+
+@triton.jit
+def _online_softmax_step(q, k, v, ok, m_i, l_i, acc, scale_log2, PREC: tl.constexpr):
+    """Fold one tile of keys/values into the running max, sum and accumulator of the rows of q."""
+    sc = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2
+    sc = tl.where(ok, sc, float("-inf"))
+    m_new = tl.maximum(m_i, tl.reduce(sc, 1, _MAX))
+    alpha = tl.exp2(m_i - m_new)
+    pr = tl.exp2(sc - m_new[:, None])
+    l_i = l_i * alpha + tl.reduce(pr, 1, _SUM)
+    acc = acc * alpha[:, None] + tl.dot(pr.to(v.dtype), v, input_precision=PREC)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def decode_kernel(q_ptr, cache_ptr, out_ptr, table_ptr, ctx_ptr, rows_ptr, seqs_ptr,
                   part_m_ptr, part_l_ptr, part_acc_ptr,
                   scale_log2, stride_qt, stride_qh, stride_ot, stride_oh, stride_table, v_offset,
@@ -75,19 +96,11 @@ def decode_kernel(q_ptr, cache_ptr, out_ptr, table_ptr, ctx_ptr, rows_ptr, seqs_
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         ok = (offs_n < end) & (offs_n >= lo)
-        blk = tl.load(table_ptr + s * stride_table + offs_n // BS, mask=ok, other=0).to(tl.int64)
-        off = (blk * BS + offs_n % BS)[:, None] * (KV_HEADS * D) + h * D + offs_d[None, :]
+        off = _kv_offsets(table_ptr, s, stride_table, offs_n, ok, h, offs_d, KV_HEADS, D, BS)
         kv_ok = ok[:, None] & d_ok[None, :]
         k = tl.load(cache_ptr + off, mask=kv_ok, other=0.0)
-        sc = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2
-        sc = tl.where(ok[None, :], sc, float("-inf"))
-        m_new = tl.maximum(m_i, tl.reduce(sc, 1, _MAX))
-        alpha = tl.exp2(m_i - m_new)
-        pr = tl.exp2(sc - m_new[:, None])
-        l_i = l_i * alpha + tl.reduce(pr, 1, _SUM)
         v = tl.load(cache_ptr + v_offset + off, mask=kv_ok, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(pr.to(v.dtype), v, input_precision=PREC)
-        m_i = m_new
+        m_i, l_i, acc = _online_softmax_step(q, k, v, ok[None, :], m_i, l_i, acc, scale_log2, PREC)
     if SPLIT:
         base = (i * KV_HEADS * G + heads) * num_parts + p
         tl.store(part_m_ptr + base, m_i, mask=g_ok)
@@ -152,21 +165,13 @@ def prefill_kernel(q_ptr, cache_ptr, out_ptr, table_ptr, ctx_ptr, qstart_ptr, ti
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_ok = offs_n < end
-        blk = tl.load(table_ptr + s * stride_table + offs_n // BS, mask=n_ok, other=0).to(tl.int64)
-        off = (blk * BS + offs_n % BS)[:, None] * (KV_HEADS * D) + h * D + offs_d[None, :]
+        off = _kv_offsets(table_ptr, s, stride_table, offs_n, n_ok, h, offs_d, KV_HEADS, D, BS)
         kv_ok = n_ok[:, None] & d_ok[None, :]
         k = tl.load(cache_ptr + off, mask=kv_ok, other=0.0)
-        sc = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2
+        v = tl.load(cache_ptr + v_offset + off, mask=kv_ok, other=0.0)
         ok = n_ok[None, :] & (offs_n[None, :] <= qpos[:, None])
         ok = ok & ((window <= 0) | (offs_n[None, :] > qpos[:, None] - window))
-        sc = tl.where(ok, sc, float("-inf"))
-        m_new = tl.maximum(m_i, tl.reduce(sc, 1, _MAX))
-        alpha = tl.exp2(m_i - m_new)
-        pr = tl.exp2(sc - m_new[:, None])
-        l_i = l_i * alpha + tl.reduce(pr, 1, _SUM)
-        v = tl.load(cache_ptr + v_offset + off, mask=kv_ok, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(pr.to(v.dtype), v, input_precision=PREC)
-        m_i = m_new
+        m_i, l_i, acc = _online_softmax_step(q, k, v, ok, m_i, l_i, acc, scale_log2, PREC)
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(out_ptr + rows[:, None] * stride_ot + hq * stride_oh + offs_d[None, :],
              o.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
