@@ -14,10 +14,10 @@ import pytest
 import torch
 
 triton = pytest.importorskip("triton")
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
 
-from pagedlab.kernels import build_metadata, triton_backend  # noqa: E402
+from pagedlab.kernels import build_metadata, triton_backend
 
 TARGETS = {"sm90": GPUTarget("cuda", 90, 32), "sm80": GPUTarget("cuda", 80, 32)}
 SHARED_LIMIT = {"sm90": 227 << 10, "sm80": 163 << 10}  # bytes of shared memory one block may use
