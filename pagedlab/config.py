@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pagedlab.engine.scheduler import EVICTION_MODES, VICTIMS
 from pagedlab.kv import ALLOCATORS, ORDERS
-from pagedlab.models.presets import DTYPE_BYTES, HARDWARE_PRESETS, MODEL_PRESETS
+from pagedlab.models.presets import DTYPE_BYTES, FORWARDS, HARDWARE_PRESETS, MODEL_PRESETS
 from pagedlab.workloads import WORKLOADS
 
 VERSION_BASE = "1.3"
@@ -86,6 +86,7 @@ class ModelConfig:
     name: str = "tiny_llama"
     name_or_path: str | None = None
     dtype: str = "auto"
+    forward: str = "auto"
 
 
 @dataclass
@@ -219,6 +220,7 @@ RULES: dict[str, Rule] = {
     "hardware.name": _one_of(*HARDWARE),
     "model.name": _one_of(*MODELS),
     "model.dtype": _one_of(*DTYPES),
+    "model.forward": _one_of(*FORWARDS),
     "workload.name": _one_of(*WORKLOADS),
     "workload.num_requests": _int_range(1),
     "workload.request_rate": _positive(optional=True),

@@ -80,6 +80,7 @@ BAD = [  # override, words the message must contain
     ("max_num_seqs=abc", ["max_num_seqs", "abc", "an integer"]),
     ("block_size=8,16,0", ["block_size", "0", "1..256"]),
     ("+experiment=nope", ["experiment", "nope", "memory_waste_breakdown"]),
+    ("model.forward=fast", ["model.forward", "fast", "auto", "compact", "hf"]),
 ]
 
 
@@ -99,6 +100,7 @@ def test_bad_overrides_name_field_value_and_allowed(override: str, words: list[s
     "workload.request_rate=inf", "device=cuda:1", "+objective=memory_waste", "hydra.run.dir=x",
     "hydra/launcher=joblib", "block_size=range(8,33,8)", "allocator=glob(contiguous_*)",
     "workload.prompt_len=[8,8]", "logger.tags=[a,b]", "model.dtype=bfloat16",
+    "model.forward=hf",
 ])
 def test_good_overrides_pass(override: str) -> None:
     assert C.check_overrides([override]) == []

@@ -88,27 +88,33 @@ def run_schedule(executor, ref, block_size, seed=0):
         out = executor.execute(StepInput(mi))
         assert out.logits.shape == (mi.num_seqs, 1024) and out.logits.dtype == torch.float32
         assert out.time_s > 0
-        assert executor.model.last_masks_seen == 0
+        if executor.model.compact is None:
+            assert executor.model.last_masks_seen == 0
         ref_logits = torch.stack([reference_logits(ref, b.tokens[s]) for s in mi.seq_ids])
         torch.testing.assert_close(out.logits.cpu(), ref_logits, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("forward", ["compact", "hf"])
 @pytest.mark.parametrize("kernel", ["torch_gather", "triton"])
 @pytest.mark.parametrize("block_size", [1, 8, 16])
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
-def test_matches_hf_forward(model_dirs, kind, block_size, kernel):
+def test_matches_hf_forward(model_dirs, kind, block_size, kernel, forward):
     if kernel == "triton" and block_size == 1:
         block_size = 4  # block size 1 is a gather-only case; keeps the interpreter quick
     path = str(model_dirs[kind])
-    ex = TorchExecutor(path, num_blocks=64, block_size=block_size, kernel=kernel, device="auto")
+    ex = TorchExecutor(path, num_blocks=64, block_size=block_size, kernel=kernel, device="auto", forward=forward)
+    assert (ex.model.compact is not None) == (forward == "compact")
     ref = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager").eval()
     run_schedule(ex, ref, block_size)
 
 
+@pytest.mark.parametrize("forward", ["compact", "hf"])
 @pytest.mark.parametrize("kernel", ["torch_gather", "triton"])
-def test_sliding_window_model(model_dirs, kernel):
+def test_sliding_window_model(model_dirs, kernel, forward):
     path = str(model_dirs["mistral"])
-    ex = TorchExecutor(path, num_blocks=64, block_size=4, kernel=kernel, device="cpu")
+    ex = TorchExecutor(path, num_blocks=64, block_size=4, kernel=kernel, device="cpu", forward=forward)
+    if forward == "compact":
+        assert [layer.sliding_window for layer in ex.model.compact.layers] == [6] * 4
     ref = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager").eval()
     run_schedule(ex, ref, 4, seed=5)
 
@@ -156,3 +162,23 @@ def test_load_for_engine(model_dirs):
     assert ex.num_blocks == 10 and ex.kv.host.shape[2] == 2 and ex.model.device.type == "cpu"
     with pytest.raises(ValueError, match="name_or_path"):
         load_for_engine(OmegaConf.create({"model": {"name": "llama_7b"}}))
+
+
+def test_compact_forward_shares_weights_and_refuses_other_model_types(model_dirs):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from pagedlab.models.hf_adapter import HFModel
+
+    hf = AutoModelForCausalLM.from_pretrained(str(model_dirs["qwen2"]))
+    before = sum(p.numel() for p in hf.parameters())
+    model = HFModel(hf, "compact")
+    layer, attn = model.compact.layers[0], hf.model.layers[0].self_attn
+    assert layer.qkv[0].data_ptr() == attn.q_proj.weight.data_ptr()  # q/k/v are views of the fused matrix
+    assert layer.qkv[1] is not None and layer.qkv[1].data_ptr() == attn.q_proj.bias.data_ptr()  # Qwen2's bias
+    assert sum(p.numel() for p in hf.parameters()) == before
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
+    assert HFModel(gpt2).compact is None  # auto: transformers' own modules
+    with pytest.raises(ValueError, match="model.forward=compact supports .* not 'gpt2'"):
+        HFModel(gpt2, "compact")
+    with pytest.raises(ValueError, match="model.forward='fast' is not one of"):
+        HFModel(hf, "fast")

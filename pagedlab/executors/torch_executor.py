@@ -40,15 +40,17 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return torch.device(device)
 
 
-def load_model(name_or_path: str | None, dtype: str | torch.dtype, device: torch.device, seed: int) -> HFModel:
-    """A tiny seeded model for None / "tiny_llama" / "tiny_qwen2" / "tiny_mistral", else `from_pretrained`."""
+def load_model(name_or_path: str | None, dtype: str | torch.dtype, device: torch.device, seed: int,
+               forward: str = "auto") -> HFModel:
+    """A tiny seeded model for None / "tiny_llama" / "tiny_qwen2" / "tiny_mistral", else `from_pretrained`.
+    `forward`: auto / compact / hf (see `pagedlab.models.hf_adapter`)."""
     if name_or_path is None or name_or_path in ("tiny_llama", "tiny_qwen2", "tiny_mistral"):
         from pagedlab.models.tiny import build_tiny_model
 
         dt = resolve_dtype(dtype)
         model = build_tiny_model(name_or_path or "llama", seed, torch.float32 if dt == "auto" else dt)
-        return HFModel(model.to(device))
-    return HFModel.from_pretrained(name_or_path, dtype, device)
+        return HFModel(model.to(device), forward)
+    return HFModel.from_pretrained(name_or_path, dtype, device, forward)
 
 
 class TorchExecutor:
@@ -73,14 +75,15 @@ class TorchExecutor:
         gpu_memory_utilization: float = 0.9,
         seed: int = 0,
         model: HFModel | Any | None = None,
+        forward: str = "auto",
     ) -> None:
         self.device = resolve_device(device)
         self.kernel_name = kernel
         self.kernel = get_kernel(kernel)
         free_before = torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" else 0
         if model is None:
-            model = load_model(name_or_path, dtype, self.device, seed)
-        self.model = model if isinstance(model, HFModel) else HFModel(model.to(self.device))
+            model = load_model(name_or_path, dtype, self.device, seed, forward)
+        self.model = model if isinstance(model, HFModel) else HFModel(model.to(self.device), forward)
         if kernel == "triton" and self.device.type != "cuda" and self.model.dtype == torch.bfloat16:
             raise ValueError("kernel=triton on the CPU runs under Triton's interpreter, which has no bfloat16")
         self.block_size = block_size
@@ -145,7 +148,7 @@ class EngineParts:
 def load_for_engine(cfg: Any) -> EngineParts:
     """Load the configured model once; the executor is made later with the block counts.
 
-    Uses `model.{name,name_or_path,dtype}`, `device`, `kernel.name` and
+    Uses `model.{name,name_or_path,dtype,forward}`, `device`, `kernel.name` and
     `kv_cache.{gpu_memory_utilization,cpu_budget_gib}`. Tiny models are always built with seed 0, so
     `tiny_llama` names one fixed model whatever the workload seed.
     """
@@ -157,7 +160,8 @@ def load_for_engine(cfg: Any) -> EngineParts:
     device = resolve_device(get("device", "auto"))
     kernel = get("kernel.name", "torch_gather")
     free_before = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 0
-    model = load_model(path or name, get("model.dtype", "auto"), device, seed=0)
+    model = load_model(path or name, get("model.dtype", "auto"), device, seed=0,
+                       forward=get("model.forward", "auto"))
     dtype_name = str(model.dtype).removeprefix("torch.")
     spec = spec_from_hf_config(model.model.config.get_text_config(), path or name, dtype_name)
     budget = default_budget_bytes(device, free_before, float(get("kv_cache.gpu_memory_utilization", 0.9)),

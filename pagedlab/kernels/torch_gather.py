@@ -50,18 +50,20 @@ def _gather(kv: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
     return out.view(2, -1, *kv.shape[3:])
 
 
-def _runs(table: list[int], lo: int, hi: int, bs: int) -> list[tuple[int, int, int]]:
-    """Tokens [lo, hi) of a sequence as maximal runs of consecutive physical slots:
-    (first token, first slot, length)."""
-    runs: list[tuple[int, int, int]] = []
-    for b in range(lo // bs, -(-hi // bs)):
-        t0, t1 = max(lo, b * bs), min(hi, (b + 1) * bs)
-        slot = table[b] * bs + t0 % bs
-        if runs and runs[-1][1] + runs[-1][2] == slot:
-            runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + t1 - t0)
-        else:
-            runs.append((t0, slot, t1 - t0))
-    return runs
+def _single_runs(meta: PagedMetadata, seqs: list[int], window: int | None) -> tuple[list[bool], list[int]]:
+    """For each sequence of `seqs`: are its visible tokens one run of consecutive physical slots (its
+    blocks consecutive in the pool), and the slot of the first visible token. Vectorised over the batch."""
+    bs = meta.block_size
+    idx = torch.tensor(seqs, dtype=torch.long)
+    table = meta.block_tables.cpu().index_select(0, idx).long()
+    ctx = torch.tensor([meta.context_lens_list[s] for s in seqs], dtype=torch.long)
+    lo = (ctx - window).clamp(min=0) if window is not None else torch.zeros_like(ctx)
+    first, last = lo // bs, (ctx - 1) // bs
+    j = torch.arange(table.shape[1] - 1)
+    inside = (j >= first[:, None]) & (j < last[:, None])  # pairs of neighbouring visible blocks
+    single = ((table[:, 1:] - table[:, :-1] == 1) | ~inside).all(1)
+    first_slot = table.gather(1, first[:, None])[:, 0] * bs + lo % bs
+    return single.tolist(), first_slot.tolist()
 
 
 def _gather_chunks(meta: PagedMetadata, seqs: list[int], kv: torch.Tensor, window: int | None) -> list[tuple]:
@@ -101,17 +103,16 @@ def _decode_plan(meta: PagedMetadata, kv: torch.Tensor, window: int | None) -> t
     key = ("gather_decode", window, kv.dtype)
     if key in meta.plans:
         return meta.plans[key]
-    bs, clens = meta.block_size, meta.context_lens_list
-    tables = meta.block_tables.tolist()
+    clens, seqs = meta.context_lens_list, meta.decode_seqs
     views, gathered = [], []
-    for s in meta.decode_seqs:
-        ctx = clens[s]
-        lo = 0 if window is None else max(0, ctx - window)
-        runs = _runs(tables[s], lo, ctx, bs)
-        if len(runs) == 1 and runs[0][2] >= VIEW_MIN_TOKENS:
-            views.append((meta.query_start_list[s], runs[0][1], runs[0][2]))
-        else:
-            gathered.append(s)
+    if seqs:
+        single, first_slot = _single_runs(meta, seqs, window)
+        for s, one, slot in zip(seqs, single, first_slot):
+            n = clens[s] if window is None else min(clens[s], window)
+            if one and n >= VIEW_MIN_TOKENS:
+                views.append((meta.query_start_list[s], slot, n))
+            else:
+                gathered.append(s)
     plan = views, _gather_chunks(meta, gathered, kv, window)
     meta.plans[key] = plan
     return plan

@@ -13,6 +13,7 @@ from typing import Any
 
 GIB = 1024**3
 DTYPE_BYTES = {"float32": 4, "fp32": 4, "float16": 2, "fp16": 2, "bfloat16": 2, "bf16": 2}
+FORWARDS = ("auto", "compact", "hf")  # executor=torch: pagedlab's compact Llama-family forward, or HF's modules
 
 
 @dataclass(frozen=True)
