@@ -129,6 +129,8 @@ def slow(*args, **kw):
 GREEDY = [
     pytest.param("llama", {}, (), id="llama-paged-block16"),
     pytest.param("qwen2", {}, (), id="qwen2-paged-block16"),
+    pytest.param("llama", {"model.forward": "hf"}, (), id="llama-hf-modules"),  # the rest: compact forward
+    pytest.param("qwen2", {**TRITON, "model.forward": "hf", "block_size": 8}, (), id="qwen2-triton-hf-modules"),
     pytest.param("llama", {"block_size": 1}, (), id="llama-block1"),
     pytest.param("qwen2", {"block_size": 32, "allocator.name": "contiguous_max"}, (), id="qwen2-max-block32"),
     pytest.param("llama", {"block_size": 8, "allocator.name": "contiguous_pow2"}, (), id="llama-pow2-block8"),
