@@ -179,10 +179,11 @@ def main(argv: list[str] | None = None) -> None:
     print(f"e2e, model {a.model_size} on {device.type} ({torch.get_num_threads()} threads), {len(requests)} requests, "
           f"prompts {a.prompt_len}, outputs {a.output_len}, block {a.block_size}, {tokens} output tokens")
     print(f"best of {a.repeats} interleaved runs; greedy match = requests whose output equals HF generate's")
-    print(f"{'system':26s} {'seconds':>8} {'tok/s':>9} {'pagedlab x':>11} {'greedy match':>13}")
+    w = max(len(name) for name in best)
+    print(f"{'system':{w}s} {'seconds':>8} {'tok/s':>9} {'pagedlab x':>11} {'greedy match':>13}")
     for name, (seconds, outs) in best.items():
         same = sum(outs.get(r.request_id) == ref[r.request_id] for r in requests)
-        print(f"{name:26s} {seconds:8.2f} {tokens / seconds:9.1f} {seconds / ours:11.2f} {same:>6d}/{len(requests)}")
+        print(f"{name:{w}s} {seconds:8.2f} {tokens / seconds:9.1f} {seconds / ours:11.2f} {same:>6d}/{len(requests)}")
     tmp.cleanup()
 
 
