@@ -206,7 +206,8 @@ class _Layer:
 
 class CompactForward:
     """The Llama-family decoder (Llama, Qwen2, Mistral) as a flat list of tensor ops; see the module
-    docstring. Numerically HF's forward (same weights and op order up to fused matmuls)."""
+    docstring. HF's math on HF's weights; rounding may differ by an ulp (fused matmuls and RMSNorm),
+    which matters only in half precision."""
 
     def __init__(self, hf: HFModel) -> None:
         base = hf.base
