@@ -14,10 +14,11 @@ import pytest
 import torch
 
 triton = pytest.importorskip("triton")
+from test_kernels import make_batch
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from pagedlab.kernels import build_metadata, triton_backend
+from pagedlab.kernels import triton_backend
 
 TARGETS = {"sm90": GPUTarget("cuda", 90, 32), "sm80": GPUTarget("cuda", 80, 32)}
 SHARED_LIMIT = {"sm90": 227 << 10, "sm80": 163 << 10}  # bytes of shared memory one block may use
@@ -63,24 +64,12 @@ def _signature(fn, args: tuple, kw: dict) -> tuple[dict, dict]:
 
 def record_launches(dtype, dim, group, bs, splits, monkeypatch) -> list:
     """The kernel launches of one attention call over a mixed decode + prefill batch."""
-    kv_heads = 2
-    ctxs, qlens = [1, 7, 100, 300], [1, 1, 1, 40]
-    need = [-(-c // bs) for c in ctxs]
-    tables, start = [], 0
-    for n in need:
-        tables.append(list(range(start, start + n)))
-        start += n
-    slots = [t[(c - 1) // bs] * bs + (c - 1) % bs for t, c in zip(tables[:3], ctxs[:3])]
-    slots += [tables[3][p // bs] * bs + p % bs for p in range(ctxs[3] - qlens[3], ctxs[3])]
-    meta = build_metadata(qlens, ctxs, tables, slots, bs)
-    kv = torch.zeros(2, start, bs, kv_heads, dim, dtype=dtype)
-    t = sum(qlens)
-    q = torch.zeros(t, kv_heads * group, dim, dtype=dtype)
-    k = torch.zeros(t, kv_heads, dim, dtype=dtype)
+    kv, meta, q, k, v, *_ = make_batch([1, 1, 1, 40], [1, 7, 100, 300], bs, 2, group, dim)
+    kv, q, k, v = (t.to(dtype) for t in (kv, q, k, v))
     launches: list = []
     real = triton_backend.kernels(torch.device("cuda"))  # compiled-mode module; loading needs no GPU
     monkeypatch.setattr(triton_backend, "kernels", lambda device: _Recorder(real, launches))
-    triton_backend.attention(q, k, k, kv, meta, dim**-0.5, num_splits=splits)
+    triton_backend.attention(q, k, v, kv, meta, dim**-0.5, num_splits=splits)
     return launches
 
 

@@ -164,7 +164,8 @@ def main(argv: list[str] | None = None) -> None:
     hf_continuous_batching(hf, requests[:2])
     for kernel in kernels:
         pagedlab_run(kernel, 2)
-    pagedlab_run(kernels[0], 2, "hf")
+    if a.hf_modules:
+        pagedlab_run(kernels[0], 2, "hf")
     best: dict[str, tuple[float, Outputs]] = {}
     for _ in range(a.repeats):  # interleaved, so that load from other processes hits every system alike
         for name, fn in systems.items():

@@ -175,9 +175,8 @@ def _fuse(linears: list[torch.nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | 
     """One weight (and bias) for several Linear layers that read the same input; the layers' own
     parameters become views of it, so no memory is added."""
     weight = torch.cat([lin.weight.detach() for lin in linears])
-    has_bias = [lin.bias is not None for lin in linears]
     bias = None
-    if any(has_bias):
+    if any(lin.bias is not None for lin in linears):
         bias = torch.cat([lin.bias.detach() if lin.bias is not None
                           else weight.new_zeros(lin.out_features) for lin in linears])
     row = 0
