@@ -127,6 +127,7 @@ class LoggerConfig:
     project: str = "pagedlab"
     entity: str | None = None
     tags: list[str] = field(default_factory=list)
+    log_every: int = 1
 
 
 @dataclass
@@ -150,6 +151,7 @@ class PagedLabConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 8192
     max_model_len: int = 2048
+    overwrite: bool = False
     kv_cache: KVCacheConfig = field(default_factory=KVCacheConfig)
 
 
@@ -237,6 +239,7 @@ RULES: dict[str, Rule] = {
     "sampling.max_tokens": _int_range(1),
     "logger.name": _one_of("wandb", "none"),
     "logger.mode": _one_of("offline", "online", "disabled"),
+    "logger.log_every": _int_range(1),
 }
 
 

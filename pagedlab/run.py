@@ -24,8 +24,9 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from pagedlab.app.loggers import make_logger
+from pagedlab.app.preflight import cli_overrides, preflight
 from pagedlab.app.results import METRICS
-from pagedlab.config import GROUPS, VERSION_BASE, ConfigError, check_overrides, config_dir, validate
+from pagedlab.config import GROUPS, VERSION_BASE, ConfigError, config_dir, validate
 
 log = logging.getLogger("pagedlab")
 
@@ -82,43 +83,9 @@ def task(cfg: DictConfig) -> Any:
 _hydra_task = hydra.main(config_path=str(config_dir()), config_name="config", version_base=VERSION_BASE)(task)
 
 
-def _cli_overrides(argv: list[str]) -> tuple[list[str], bool] | None:
-    """(overrides, multirun) of a command line, or None when it is not ours to check (custom config, help)."""
-    from hydra._internal.utils import get_args_parser
-
-    args, _ = get_args_parser().parse_known_args(argv)
-    if args.config_path or args.config_name or args.config_dir or args.shell_completion or args.help \
-            or args.hydra_help or args.info:
-        return None
-    return list(args.overrides), bool(args.multirun)
-
-
-def preflight(overrides: list[str], multirun: bool) -> str | None:
-    """Why these overrides cannot run (every sweep value checked; the fixed part composed and
-    validated), or None. Problems only Hydra can explain are left to Hydra."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    from pagedlab.app.api import compose_with_choices
-
-    errors = check_overrides(overrides)
-    if errors:
-        return "invalid config, nothing was run:\n  " + "\n  ".join(errors)
-    try:
-        fixed = overrides
-        if multirun:
-            parsed = OverridesParser.create().parse_overrides(overrides)
-            fixed = [o for o, p in zip(overrides, parsed) if not p.is_sweep_override()]
-        compose_with_choices(fixed)
-    except ConfigError as exc:
-        return f"{exc}\nnothing was run"
-    except Exception:  # noqa: BLE001 - composition errors: Hydra reports them with its own context
-        return None
-    return None
-
-
 def main() -> None:
     """Console entry point: reject bad configs before Hydra creates any directory, then run."""
-    cli = _cli_overrides(sys.argv[1:])
+    cli = cli_overrides(sys.argv[1:])
     problem = preflight(*cli) if cli is not None else None
     if problem:
         print(f"pagedlab: {problem}\n(see `python -m pagedlab.run --help` and conf/ for groups and keys)",
