@@ -1,9 +1,10 @@
 """Config schema (dataclasses in Hydra's ConfigStore), validation and the config dir locator.
 
 Types are checked by OmegaConf while Hydra composes; choices, ranges and cross-field rules are
-checked by :func:`validate` (composed config) and :func:`check_overrides` (command-line
-overrides, before Hydra creates any directory). Every message names the field, the value
-and what is allowed.
+checked by :func:`validate` (composed config), :func:`check_plan` (the deeper checks that need
+the model's shapes, the KV budget, the device or the trace file) and :func:`check_overrides`
+(command-line overrides, before Hydra creates any directory). Every message names the field,
+the value and what is allowed.
 """
 
 from __future__ import annotations
@@ -30,13 +31,23 @@ from pagedlab.workloads import WORKLOADS
 VERSION_BASE = "1.3"
 GROUPS = ("allocator", "eviction", "kernel", "executor", "model", "hardware", "workload", "sampling", "logger")
 COMPONENTS = ("allocator", "executor", "kernel", "model", "workload")  # W&B tags / job_type
+EXTRA_KEYS = ("objective",)  # top-level keys outside the schema that `+key=value` may add (see run.py)
 
 # the components' own tables are the source of truth for the names users may type
 HARDWARE, MODELS, DTYPES = tuple(HARDWARE_PRESETS), (*MODEL_PRESETS, "hf"), ("auto", *DTYPE_BYTES)
 
 
 class ConfigError(CompactHydraException, ValueError):
-    """A config value that is not allowed; Hydra prints just this message."""
+    """A config value that is not allowed; Hydra prints just this message. ``problems``: one line each."""
+
+    def __init__(self, message: str, problems: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.problems = problems if problems is not None else [message]
+
+
+def _raise(errors: list[str]) -> None:
+    if errors:
+        raise ConfigError("Invalid config:\n  " + "\n  ".join(errors), errors)
 
 
 def config_dir() -> Path:
@@ -127,7 +138,7 @@ class LoggerConfig:
     project: str = "pagedlab"
     entity: str | None = None
     tags: list[str] = field(default_factory=list)
-    log_every: int = 1
+    log_every: int = 10
 
 
 @dataclass
@@ -288,12 +299,197 @@ def validate(cfg: DictConfig) -> None:
     if cfg.prefix_cache and cfg.allocator.name != "paged":
         errors.append(f"prefix_cache=true is not allowed with allocator={cfg.allocator.name}: expected "
                       "allocator=paged (contiguous allocators never share blocks)")
-    if errors:
-        raise ConfigError("Invalid config:\n  " + "\n  ".join(errors))
+    errors.extend(_sampling_problems(cfg) + _length_problems(cfg))
+    _raise(errors)
 
 
 def _is_set(node: DictConfig, key: str) -> bool:
     return not OmegaConf.is_missing(node, key) and node[key] is not None
+
+
+def _sampling_problems(cfg: DictConfig) -> list[str]:
+    """n > 1 together with beam_width > 1 (workload.n / workload.beam_width override sampling's)."""
+    def effective(name: str) -> tuple[str, Any]:
+        w = cfg.workload.get(name)
+        return (f"workload.{name}", w) if w is not None else (f"sampling.{name}", cfg.sampling.get(name))
+
+    (nk, n), (bk, b) = effective("n"), effective("beam_width")
+    if isinstance(n, int) and isinstance(b, int) and n > 1 and b > 1:
+        return [(f"{nk}={n} with {bk}={b} is not allowed: parallel sampling and beam search do not combine; "
+                 f"choose one ({nk}=1 or {bk}=1)")]
+    return []
+
+
+def _length_problems(cfg: DictConfig) -> list[str]:
+    """Synthetic lengths that would be silently cut to fit max_model_len."""
+    w, mml = cfg.workload, cfg.max_model_len
+    if not isinstance(mml, int) or w.name not in ("uniform", "fixed"):
+        return []
+    i = 1 if w.name == "uniform" else 0
+    end = "hi" if i else "lo"
+    try:
+        p, o = int(w.prompt_len[i]), int(w.output_len[i])
+    except (TypeError, ValueError, IndexError):
+        return []  # reported by the rules above
+    errors = []
+    if p + o > mml:
+        errors.append(f"workload.prompt_len={_show(w.prompt_len)} with workload.output_len={_show(w.output_len)} is "
+                      f"not allowed with max_model_len={mml}: workload={w.name} draws up to {p} + {o} = {p + o} "
+                      f"tokens; expected prompt_len {end} + output_len {end} <= max_model_len (lower them or "
+                      f"raise max_model_len)")
+    spl = w.shared_prefix_len
+    if isinstance(spl, int) and spl + 2 > mml:
+        errors.append(f"workload.shared_prefix_len={spl} is not allowed with max_model_len={mml}: expected at most "
+                      f"{mml - 2} (the prefix, one prompt token and one output token must fit)")
+    return errors
+
+
+# --------------------------------------------------------------------------- deep checks
+def check_plan(cfg: DictConfig) -> None:
+    """Everything checked before work: :func:`validate`, then the rules that need the model's shapes
+    (preset or the checkpoint's config.json), the hardware, the KV budget, the device, the kernel and
+    the workload's requests. Raises ConfigError listing every problem; loads no weights, uses no network."""
+    validate(cfg)
+    errors: list[str] = []
+    spec = _model_problems(cfg, errors)
+    executor = cfg.executor.name
+    if spec is not None and executor == "sim":
+        _fit_problems(cfg, spec, errors)
+    device = _device_problems(cfg, errors) if executor == "torch" else None
+    _kernel_problems(cfg, spec, device, errors)
+    if spec is not None and not errors:
+        _budget_problems(cfg, spec, device, errors)
+    if spec is not None and cfg.workload.name == "trace":
+        _trace_problems(cfg, spec, errors)
+    _raise(errors)
+
+
+def _model_problems(cfg: DictConfig, errors: list[str]) -> Any:
+    """The model's ModelSpec (no weights), or None after adding why it cannot be had."""
+    from pagedlab.experiment import model_shapes
+    from pagedlab.models.presets import hf_config_file
+
+    m = cfg.model
+    path = m.name_or_path
+    if m.name != "hf" and cfg.executor.name == "torch" and not path and not m.name.startswith("tiny_"):
+        errors.append(f"model={m.name} is not allowed with executor=torch and model.name_or_path=null: the preset "
+                      "has shapes but no weights; expected executor=sim, or model.name_or_path=<checkpoint>")
+        return None
+    if (m.name == "hf" or (path and cfg.executor.name == "torch")) and hf_config_file(str(path)) is None:
+        errors.append(f"model.name_or_path={path} is not allowed: expected a local folder with a config.json or "
+                      "a Hugging Face model id already in the local cache (nothing is downloaded here; "
+                      "fetch it first, e.g. `hf download ID`)")
+        return None
+    try:
+        return model_shapes(cfg)
+    except Exception as exc:  # noqa: BLE001 - an unreadable or unsupported config.json
+        errors.append(f"model.name_or_path={path} is not allowed: its config.json cannot be read as a causal LM "
+                      f"({type(exc).__name__}: {exc})")
+        return None
+
+
+def _fit_problems(cfg: DictConfig, spec: Any, errors: list[str]) -> None:
+    from pagedlab.models.presets import GIB, hardware_spec
+
+    hw = hardware_spec(cfg.hardware.name)
+    util = cfg.kv_cache.gpu_memory_utilization
+    usable = hw.memory_gib * GIB * util
+    if spec.weight_bytes > usable:
+        errors.append(f"model={cfg.model.name} is not allowed with hardware={hw.name}: its weights take "
+                      f"{spec.weight_bytes / GIB:.1f} GiB ({spec.dtype}) but {hw.memory_gib:g} GiB x "
+                      f"kv_cache.gpu_memory_utilization={util:g} = {usable / GIB:.1f} GiB; expected a larger "
+                      f"hardware, a smaller model or a smaller model.dtype")
+
+
+def _device_problems(cfg: DictConfig, errors: list[str]) -> str:
+    """The device type the torch executor will use ("cpu" or "cuda"); adds a problem if it has none."""
+    import torch
+
+    device = cfg.device
+    available = torch.cuda.is_available()
+    if device == "auto":
+        return "cuda" if available else "cpu"
+    if device.startswith("cuda"):
+        count = torch.cuda.device_count() if available else 0
+        index = int(device[5:]) if ":" in device else 0
+        if index >= count:
+            have = f"{count} CUDA device(s): cuda:0..cuda:{count - 1}" if count else "no CUDA device"
+            errors.append(f"device={device} is not allowed: this machine has {have}; expected "
+                          f"{'device=cpu or device=auto' if not count else 'one of those, cpu or auto'}")
+        return "cuda"
+    return "cpu"
+
+
+def _kernel_problems(cfg: DictConfig, spec: Any, device: str | None, errors: list[str]) -> None:
+    import importlib.util
+
+    if cfg.kernel.name != "triton":
+        return
+    if cfg.executor.name == "sim":
+        errors.append("kernel=triton is not allowed with executor=sim: the simulator runs no attention kernel; "
+                      "expected executor=torch, or kernel=torch_gather")
+    elif importlib.util.find_spec("triton") is None:
+        errors.append("kernel=triton is not allowed: the `triton` package is not installed; expected "
+                      "kernel=torch_gather (or `pip install triton`)")
+    elif device == "cpu" and spec is not None and spec.dtype in ("bfloat16", "bf16"):
+        dtype = cfg.model.dtype if cfg.model.dtype != "auto" else "auto (the checkpoint's bfloat16)"
+        errors.append(f"kernel=triton is not allowed with model.dtype={dtype} on the CPU: "
+                      "Triton's interpreter has no bfloat16; expected model.dtype=float32 or float16, "
+                      "kernel=torch_gather, or a CUDA device")
+
+
+def _budget_problems(cfg: DictConfig, spec: Any, device: str | None, errors: list[str]) -> None:
+    """The KV cache must hold one request of max_model_len tokens (per sequence for contiguous allocators)."""
+    from pagedlab.experiment import kv_num_blocks, sim_budget
+    from pagedlab.models.presets import GIB
+
+    kvt, bs, kv = spec.kv_bytes_per_token, cfg.block_size, cfg.kv_cache
+    if cfg.executor.name == "sim":
+        default, what = sim_budget(cfg, spec)
+    elif device == "cpu":
+        default, what = kv.cpu_budget_gib * GIB, "kv_cache.cpu_budget_gib"
+    else:
+        default, what = None, "free device memory x kv_cache.gpu_memory_utilization - weights"
+    if kv.num_blocks is not None:
+        field_, value = "kv_cache.num_blocks", kv.num_blocks
+    elif kv.budget_gib is not None:
+        field_, value = "kv_cache.budget_gib", kv.budget_gib
+    elif cfg.executor.name == "torch" and default is not None:
+        field_, value = "kv_cache.cpu_budget_gib", kv.cpu_budget_gib
+    elif default is not None:
+        field_, value = "kv_cache.budget_gib", f"null (the default: {what} = {default / GIB:.4g} GiB)"
+    else:
+        return  # sized from free device memory once the model is loaded
+    try:
+        num_blocks = kv_num_blocks(cfg, kvt, default, what)
+    except ValueError:
+        num_blocks = 0
+    seqs = 1
+    if cfg.allocator.name != "paged":
+        n, b = (cfg.workload.n or cfg.sampling.n), (cfg.workload.beam_width or cfg.sampling.beam_width)
+        seqs = max(n, b)
+    need = seqs * -(-cfg.max_model_len // bs)
+    if num_blocks >= need:
+        return
+    per_seq = f" x {seqs} sequences (each reserves its own space with allocator={cfg.allocator.name})" \
+        if seqs > 1 else ""
+    need_gib = need * bs * kvt / GIB
+    errors.append(f"{field_}={value} is not allowed: it holds {num_blocks} blocks of {bs} tokens "
+                  f"({kvt} bytes per token for model={cfg.model.name}) but one request of max_model_len="
+                  f"{cfg.max_model_len} tokens{per_seq} needs {need} blocks = {need_gib:.4g} GiB; expected "
+                  f"kv_cache.num_blocks >= {need} or kv_cache.budget_gib >= {need_gib:.4g}, or a smaller "
+                  "max_model_len")
+
+
+def _trace_problems(cfg: DictConfig, spec: Any, errors: list[str]) -> None:
+    """Read the trace as the run will (vocab and max_model_len checks live in trace_requests)."""
+    from pagedlab.experiment import build_requests
+
+    try:
+        build_requests(cfg, spec.vocab_size, cfg.max_model_len)
+    except (ValueError, OSError, KeyError, TypeError) as exc:
+        msg = str(exc)
+        errors.append(msg if "workload.path" in msg else f"workload.path={cfg.workload.path} is not allowed: {msg}")
 
 
 # --------------------------------------------------------------------------- overrides
@@ -338,7 +534,8 @@ def check_overrides(overrides: list[str]) -> list[str]:
     """Messages for command-line overrides that cannot work, without composing anything.
 
     Checks group choices against ``conf/<group>/*.yaml``, dotted keys against the schema, and
-    values against their type and :data:`RULES`. Hydra's own keys and ``+key`` additions pass.
+    values against their type and :data:`RULES`. Hydra's own keys and ``+key`` for :data:`EXTRA_KEYS`
+    pass; any other ``+key`` must be a schema key.
     """
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import OverrideParseException
@@ -360,7 +557,7 @@ def check_overrides(overrides: list[str]) -> list[str]:
                     errors.append(f"{key}={_show(v)} is not allowed: expected one of "
                                   f"{', '.join(choices)}{_suggest(str(v), choices)}")
             continue
-        if ov.is_add() or ov.is_force_add():
+        if (ov.is_add() or ov.is_force_add()) and key in EXTRA_KEYS:
             continue
         owner, name, allowed = _schema_field(key)
         if name is None:
@@ -416,6 +613,7 @@ __all__ = [
     "ConfigError",
     "PagedLabConfig",
     "check_overrides",
+    "check_plan",
     "check_value",
     "config_dir",
     "register",

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from inspect import signature
 from typing import Any
 
 from pagedlab.cfg_access import cfg_get as _get
@@ -22,7 +23,14 @@ from pagedlab.engine.sampler import LogitsChooser, SimChooser
 from pagedlab.engine.scheduler import Scheduler
 from pagedlab.executors.sim import SimExecutor
 from pagedlab.kv import BlockManager
-from pagedlab.models.presets import GIB, ModelSpec, hardware_spec, model_spec, num_blocks_in_budget
+from pagedlab.models.presets import (
+    GIB,
+    ModelSpec,
+    hardware_spec,
+    model_spec,
+    num_blocks_in_budget,
+    spec_from_hf_path,
+)
 from pagedlab.workloads import synthetic_requests, trace_requests
 
 
@@ -60,7 +68,8 @@ def build_requests(cfg: Any, vocab_size: int, max_model_len: int) -> list[Reques
     if w.name == "trace":
         if not _get(cfg, "workload.path"):
             raise ValueError("workload=trace needs workload.path=<a .jsonl or .csv file>")
-        return trace_requests(w.path, seed=seed, vocab_size=vocab_size, defaults=defaults)
+        extra = {"max_model_len": max_model_len} if "max_model_len" in signature(trace_requests).parameters else {}
+        return trace_requests(w.path, seed=seed, vocab_size=vocab_size, defaults=defaults, **extra)
     return synthetic_requests(
         w.name, int(w.num_requests), seed=seed, vocab_size=vocab_size, defaults=defaults,
         prompt_len=tuple(_get(cfg, "workload.prompt_len", (16, 128))),
@@ -71,6 +80,39 @@ def build_requests(cfg: Any, vocab_size: int, max_model_len: int) -> list[Reques
     )
 
 
+def model_shapes(cfg: Any) -> ModelSpec:
+    """The model's shapes without loading weights: the preset, or the checkpoint's ``config.json`` for
+    ``model=hf`` (and for executor=torch with ``model.name_or_path`` set)."""
+    name, path, dtype = _get(cfg, "model.name", "llama_13b"), _get(cfg, "model.name_or_path"), _get(cfg, "model.dtype")
+    if name == "hf" or (path and _get(cfg, "executor.name", "sim") == "torch"):
+        if not path:
+            raise ValueError("model=hf needs model.name_or_path=<a local checkpoint folder or hub id>")
+        return spec_from_hf_path(str(path), dtype or "auto")
+    return model_spec(name, dtype)
+
+
+def sim_budget(cfg: Any, spec: ModelSpec) -> tuple[float, str]:
+    """The simulator's default KV budget in bytes (hardware memory x utilization - weights) and its name."""
+    hw = hardware_spec(_get(cfg, "hardware.name", "a100_40gb"))
+    util = float(_get(cfg, "kv_cache.gpu_memory_utilization", 0.9))
+    return hw.memory_gib * GIB * util - spec.weight_bytes, f"hardware={hw.name} x kv_cache.gpu_memory_utilization - weights"
+
+
+def kv_num_blocks(cfg: Any, kv_bytes_per_token: int, default_budget: float | None, default_what: str) -> int:
+    """The KV block count: ``kv_cache.num_blocks``, else ``kv_cache.budget_gib`` (else the default budget)
+    in whole blocks. Raises ValueError when the budget holds no block or no default is known (None)."""
+    num_blocks = _get(cfg, "kv_cache.num_blocks")
+    if num_blocks is not None:
+        return int(num_blocks)
+    block_size = int(_get(cfg, "block_size", 16))
+    budget_gib = _get(cfg, "kv_cache.budget_gib")
+    if budget_gib is not None:
+        return num_blocks_for(float(budget_gib) * GIB, block_size, kv_bytes_per_token, "kv_cache.budget_gib")
+    if default_budget is None:
+        raise ValueError(f"{default_what} is not known before the model is loaded")
+    return num_blocks_for(default_budget, block_size, kv_bytes_per_token, default_what)
+
+
 def build(cfg: Any) -> Built:
     """Instantiate block manager, scheduler, executor and token chooser from a composed config."""
     block_size = int(cfg.block_size)
@@ -78,10 +120,9 @@ def build(cfg: Any) -> Built:
     max_model_len = int(_get(cfg, "max_model_len", 2048))
     torch_parts = None
     if executor_name == "sim":
-        spec = model_spec(_get(cfg, "model.name", "llama_13b"), _get(cfg, "model.dtype"))
+        spec = model_shapes(cfg)
         hw = hardware_spec(_get(cfg, "hardware.name", "a100_40gb"))
-        default_budget = hw.memory_gib * GIB * float(_get(cfg, "kv_cache.gpu_memory_utilization", 0.9)) - spec.weight_bytes
-        budget_what = f"hardware={hw.name} x kv_cache.gpu_memory_utilization - weights"
+        default_budget, budget_what = sim_budget(cfg, spec)
     elif executor_name == "torch":
         from pagedlab.executors.torch_executor import load_for_engine
 
@@ -90,13 +131,7 @@ def build(cfg: Any) -> Built:
         budget_what = torch_parts.budget_what
     else:
         raise ValueError(f"executor.name={executor_name!r} is not allowed; allowed: sim, torch")
-
-    budget_gib = _get(cfg, "kv_cache.budget_gib")
-    budget = budget_gib * GIB if budget_gib is not None else default_budget
-    num_blocks = _get(cfg, "kv_cache.num_blocks")
-    if num_blocks is None:
-        num_blocks = num_blocks_for(budget, block_size, spec.kv_bytes_per_token,
-                                    "kv_cache.budget_gib" if budget_gib is not None else budget_what)
+    num_blocks = kv_num_blocks(cfg, spec.kv_bytes_per_token, default_budget, budget_what)
     swap_gib = float(_get(cfg, "kv_cache.swap_gib", 0.0))
     num_swap = num_blocks_in_budget(swap_gib * GIB, block_size, spec.kv_bytes_per_token)
 

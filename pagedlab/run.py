@@ -8,6 +8,9 @@ Each run validates its config, runs the experiment with a progress bar, writes s
 steps.parquet and requests.parquet into its Hydra run dir (``results/<date>/<time>``; multirun:
 ``results/multirun/<date>/<time>/<job>``), mirrors to the logger and prints a summary. With
 ``+objective=METRIC`` the job returns that summary value (for optimizing sweepers such as Optuna).
+
+A run holds its dir with a lock file for its whole duration and refuses a dir that already holds
+results unless ``overwrite=true``; ``finished.json``, written last, marks its results complete.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import CompactHydraException
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
@@ -27,6 +31,7 @@ from pagedlab.app.loggers import make_logger
 from pagedlab.app.preflight import cli_overrides, preflight
 from pagedlab.app.results import METRICS
 from pagedlab.config import GROUPS, VERSION_BASE, ConfigError, config_dir, validate
+from pagedlab.engine.result import MARKER, FileLock, LockHeld, has_results
 
 log = logging.getLogger("pagedlab")
 
@@ -44,31 +49,66 @@ def format_summary(summary: dict[str, Any]) -> str:
                      f"  {k:<{width}}  {summary[k]}" for k in keys)
 
 
+LOCK = ".pagedlab.lock"
+
+
+class RunDirError(CompactHydraException):
+    """A run dir that cannot be used (holds results, locked, not writable); Hydra prints just this."""
+
+
+def claim_run_dir(run_dir: Path, overwrite: bool) -> FileLock:
+    """Lock run_dir for this process; refuse it if it holds results (unless overwrite: then its
+    marker goes first), if another live run holds it, or if it cannot be written."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(run_dir / LOCK).acquire()
+    except LockHeld as exc:
+        raise RunDirError(f"pagedlab: {run_dir} is in use by another run (pid {exc.pid}, lock file {exc.path}); "
+                          "wait for it or pick another hydra.run.dir") from None
+    except OSError as exc:
+        raise RunDirError(f"pagedlab: cannot write to {run_dir} ({exc.strerror or exc}); "
+                          "pick another hydra.run.dir") from None
+    if has_results(run_dir):
+        if not overwrite:
+            lock.release()
+            raise RunDirError(f"pagedlab: {run_dir} already holds results ({MARKER} or result files); "
+                              "nothing was run: pass overwrite=true to replace them, or pick another hydra.run.dir")
+        (run_dir / MARKER).unlink(missing_ok=True)
+    (run_dir / "failed.json").unlink(missing_ok=True)
+    return lock
+
+
 def _run_name(hc: Any) -> str:
     name = hc.job.override_dirname or "defaults"
     return f"{hc.job.num}:{name}" if hc.mode == RunMode.MULTIRUN else name
 
 
 def task(cfg: DictConfig) -> Any:
-    """One Hydra job: validate, run, save, log, print; returns the summary (or ``+objective``)."""
-    from pagedlab.experiment import run_experiment
-
-    validate(cfg)
+    """One Hydra job: validate, run, save, log, print; returns the summary (or ``+objective``). A user's
+    problem (bad config, unusable run dir, disk full) ends a single run with one line and exit code 2;
+    in a multirun it fails the job, which the sweep summary lists."""
     hc = HydraConfig.get()
+    try:
+        return _task(cfg, hc)
+    except (ConfigError, RunDirError) as exc:
+        if hc.mode == RunMode.MULTIRUN:
+            raise
+        print(exc, file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+
+
+def _task(cfg: DictConfig, hc: Any) -> Any:
+    validate(cfg)
     run_dir = Path(hc.runtime.output_dir)
     choices = {k: hc.runtime.choices[k] for k in (*GROUPS, "experiment") if k in hc.runtime.choices}
     log.info("%s | %s | block_size=%s cow=%s prefix_cache=%s", run_dir, " ".join(
         f"{k}={v}" for k, v in choices.items()), cfg.block_size, cfg.cow, cfg.prefix_cache)
     group = dir_label(hc.sweep.dir if hc.mode == RunMode.MULTIRUN else run_dir)
-    logger = make_logger(cfg, run_dir, group=group, name=_run_name(hc))
-    exit_code = 1
+    lock = claim_run_dir(run_dir, bool(cfg.get("overwrite", False)))
     try:
-        result = run_experiment(cfg, progress=True, on_step=logger.log_step)
-        result.save(run_dir)
-        logger.log_result(result)
-        exit_code = 0
+        result = _run_and_save(cfg, run_dir, group, _run_name(hc), list(hc.overrides.task))
     finally:
-        logger.finish(exit_code=exit_code)
+        lock.release()
     print(f"pagedlab: results in {run_dir} (time: {result.summary.get('time_source', '?')})\n"
           + format_summary(result.summary), flush=True)
     objective = cfg.get("objective")
@@ -78,6 +118,61 @@ def task(cfg: DictConfig) -> Any:
                               f"{', '.join(sorted(result.summary))}")
         return float(result.summary[objective])
     return result.summary
+
+
+def _run_and_save(cfg: DictConfig, run_dir: Path, group: str, name: str, overrides: list[str]) -> Any:
+    """Run, save atomically (marker last), then mirror to the logger, which never fails the run."""
+    from pagedlab.experiment import run_experiment
+
+    logger = make_logger(cfg, run_dir, group=group, name=name)
+    exit_code = 1
+    try:
+        result = run_experiment(cfg, progress=True, on_step=logger.log_step)
+        try:
+            result.save(run_dir, overrides=overrides)
+        except OSError as exc:
+            raise RunDirError(f"pagedlab: could not write the results to {run_dir} ({exc.strerror or exc}); "
+                              f"the run is not recorded as finished (no {MARKER})") from exc
+        logger.log_result(result)
+        exit_code = 0
+    finally:
+        logger.finish(exit_code=exit_code)
+    return result
+
+
+def cli_dir_lock(overrides: list[str], multirun: bool) -> FileLock | None:
+    """Check (and for a single run, lock) the output dir a command line names with
+    ``hydra.run.dir=`` / ``hydra.sweep.dir=`` before Hydra writes anything into it."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except Exception:  # noqa: BLE001 - Hydra reports bad overrides itself
+        return None
+    values = {p.key_or_group: p.value() for p in parsed if not p.is_sweep_override() and not p.is_delete()}
+    overwrite = values.get("overwrite") is True or str(values.get("overwrite")).lower() == "true"
+    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    target = values.get(key)
+    if not isinstance(target, str) or "${" in target:
+        return None
+    path = Path(target).absolute()
+    if not multirun:
+        return claim_run_dir(path, overwrite)
+    if overwrite:
+        for old in (*path.rglob(MARKER), *path.rglob("failed.json"), path / "summary.parquet"):
+            old.unlink(missing_ok=True)
+    elif path.is_dir() and ((path / "summary.parquet").exists() or any(path.rglob(MARKER))):
+        raise RunDirError(f"pagedlab: {path} already holds results of a sweep; nothing was run: pass "
+                          "overwrite=true to replace them, or pick another hydra.sweep.dir")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        FileLock(path / LOCK).acquire().release()  # writable?
+    except LockHeld:
+        pass
+    except OSError as exc:
+        raise RunDirError(f"pagedlab: cannot write to {path} ({exc.strerror or exc}); "
+                          "pick another hydra.sweep.dir") from None
+    return None
 
 
 _hydra_task = hydra.main(config_path=str(config_dir()), config_name="config", version_base=VERSION_BASE)(task)
@@ -91,7 +186,20 @@ def main() -> None:
         print(f"pagedlab: {problem}\n(see `python -m pagedlab.run --help` and conf/ for groups and keys)",
               file=sys.stderr)
         sys.exit(2)
-    _hydra_task()
+    lock = None
+    try:
+        lock = cli_dir_lock(*cli) if cli is not None else None
+    except RunDirError as exc:
+        print(exc, file=sys.stderr)
+        sys.exit(2)
+    try:
+        _hydra_task()
+    except KeyboardInterrupt:
+        print("pagedlab: interrupted; only runs with finished.json hold complete results", file=sys.stderr)
+        sys.exit(130)
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 if __name__ == "__main__":

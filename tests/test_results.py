@@ -12,6 +12,7 @@ from pagedlab.app import api
 from pagedlab.app.callbacks import summarize_sweep
 from pagedlab.app.results import compare, flatten, load_results, make_row
 from pagedlab.config import ConfigError
+from pagedlab.engine.result import MARKER, RunResult, check_run, config_hash
 
 SIM = ["executor=sim", "model=llama_13b", "workload=uniform", "workload.num_requests=8",
        "workload.prompt_len=[8,32]", "workload.output_len=[4,16]", "logger=none"]
@@ -56,13 +57,13 @@ def test_sweep_from_a_composed_config_reloads_group_files() -> None:
     orig = api.run_experiment
     api.run_experiment = lambda cfg, progress=False: Fake(cfg)
     try:
-        df = api.sweep(base, {"eviction": ["swap"], "sampling": ["beam", "parallel"], "kv_cache.num_blocks": [64]},
+        df = api.sweep(base, {"eviction": ["swap"], "sampling": ["beam", "parallel"], "kv_cache.num_blocks": [256]},
                        progress=False)
     finally:
         api.run_experiment = orig
     assert [c.eviction.mode for c in calls] == ["swap", "swap"]
     assert [(c.sampling.beam_width, c.sampling.n) for c in calls] == [(4, 1), (1, 4)]
-    assert df["sampling"].tolist() == ["beam", "parallel"] and (df["kv_cache.num_blocks"] == 64).all()
+    assert df["sampling"].tolist() == ["beam", "parallel"] and (df["kv_cache.num_blocks"] == 256).all()
 
 
 def test_sweep_validates_every_point_before_running(monkeypatch) -> None:
@@ -78,7 +79,8 @@ def test_sweep_validates_every_point_before_running(monkeypatch) -> None:
 def _fake_job(root: Path, num: int, allocator: str, waste: float) -> Path:
     d = root / str(num)
     (d / ".hydra").mkdir(parents=True)
-    (d / "summary.json").write_text(json.dumps({"memory_waste": waste, "time_source": "modelled"}))
+    RunResult({"memory_waste": waste, "time_source": "modelled"}, pd.DataFrame({"step": [0]}),
+              pd.DataFrame({"request_id": [0]}), {"allocator": {"name": allocator}, "block_size": 16}).save(d)
     (d / ".hydra" / "config.yaml").write_text(f"allocator:\n  name: {allocator}\nblock_size: 16\n")
     (d / ".hydra" / "hydra.yaml").write_text(
         f"hydra:\n  job:\n    num: {num}\n  overrides:\n    task: [allocator={allocator}]\n"
@@ -118,3 +120,61 @@ def test_flatten_and_make_row() -> None:
                    choices={"allocator": "paged", "hydra/launcher": "joblib"}, overrides=["+objective=x", "block_size=8"])
     assert row["objective"] == "x" and row["block_size"] == 8 and row["allocator"] == "paged"
     assert "hydra/launcher" not in row and list(row)[:3] == ["run_dir", "job", "overrides"]
+
+
+def test_save_writes_the_marker_last_with_hash_sizes_and_overrides(tmp_path: Path) -> None:
+    cfg = {"block_size": 8, "allocator": {"name": "paged"}}
+    RunResult({"memory_waste": 0.1}, pd.DataFrame({"step": [0, 1]}), pd.DataFrame({"request_id": [0]}),
+              cfg).save(tmp_path, overrides=["block_size=8"])
+    marker = json.loads((tmp_path / MARKER).read_text())
+    assert marker["overrides"] == ["block_size=8"] and marker["config_sha256"] == config_hash(cfg) and marker["time"]
+    assert {n: i["size"] for n, i in marker["files"].items()} == {
+        n: (tmp_path / n).stat().st_size for n in ("summary.json", "steps.parquet", "requests.parquet", "config.json")}
+    assert check_run(tmp_path) is None and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_a_save_failing_part_way_leaves_no_marker_and_no_temp_files(tmp_path: Path, monkeypatch) -> None:
+    result = RunResult({"memory_waste": 0.1}, pd.DataFrame({"step": [0]}), pd.DataFrame({"request_id": [0]}))
+    result.save(tmp_path)
+    old_steps = (tmp_path / "steps.parquet").read_bytes()
+
+    def disk_full(self, path, **kw) -> None:
+        Path(path).write_bytes(b"PAR1 half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(pd.DataFrame, "to_parquet", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        RunResult({"memory_waste": 0.9}, pd.DataFrame({"step": [0]}), pd.DataFrame()).save(tmp_path)
+    assert not (tmp_path / MARKER).exists() and not list(tmp_path.glob(".*.tmp"))
+    assert (tmp_path / "steps.parquet").read_bytes() == old_steps
+    with pytest.warns(RuntimeWarning, match="no finished.json"), pytest.raises(FileNotFoundError):
+        load_results(tmp_path)
+
+
+@pytest.mark.parametrize("damage, why", [
+    (lambda d: (d / MARKER).unlink(), "no finished.json"),
+    (lambda d: (d / "steps.parquet").write_bytes(b"x"), "steps.parquet is 1 bytes"),
+    (lambda d: (d / "requests.parquet").unlink(), "requests.parquet is missing"),
+    (lambda d: (d / MARKER).write_text("{"), "finished.json unreadable"),
+    (lambda d: (d / ".hydra" / "config.yaml").write_text("allocator:\n  name: other\nblock_size: 16\n"),
+     ".hydra/config.yaml is not the config"),
+])
+def test_a_broken_or_mismatched_run_is_skipped_with_a_warning(tmp_path: Path, damage, why: str) -> None:
+    good, bad = _fake_job(tmp_path, 0, "paged", 0.1), _fake_job(tmp_path, 1, "paged", 0.2)
+    damage(bad)
+    with pytest.warns(RuntimeWarning, match=f"skipping {bad}: {why}"):
+        df = load_results(tmp_path)
+    assert df["run_dir"].tolist() == [str(good)] and df["status"].tolist() == ["finished"]
+
+
+def test_summarize_sweep_lists_failed_jobs_with_status_and_error(tmp_path: Path) -> None:
+    _fake_job(tmp_path, 0, "paged", 0.1)
+    failed = tmp_path / "1"
+    (failed / ".hydra").mkdir(parents=True)
+    (failed / ".hydra" / "hydra.yaml").write_text(
+        "hydra:\n  job:\n    num: 1\n  overrides:\n    task: [block_size=0]\n")
+    (failed / "failed.json").write_text(json.dumps({"error": "ConfigError: block_size=0"}))
+    df = pd.read_parquet(summarize_sweep(tmp_path, quiet=True))
+    assert df["job"].tolist() == [0, 1] and df["status"].tolist() == ["finished", "failed"]
+    assert df["error"].isna().tolist() == [True, False] and df["block_size"].iloc[1] == "0"
+    assert df["error"].iloc[1] == "ConfigError: block_size=0"

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
 import os
+import struct
 import subprocess
 import sys
 import warnings
@@ -36,6 +38,50 @@ def offline_runs(run_dir: Path) -> list[Path]:
     return sorted((run_dir / "wandb").glob("offline-run-*"))
 
 
+def wandb_records(path: Path):
+    """The Records of a run-*.wandb file (W&B's LevelDB-style log: 7-byte header, 32 KiB blocks,
+    chunks with a 7-byte crc/length/type header), parsed with wandb's own protobuf."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data, pos, pending = path.read_bytes(), 7, b""
+    assert data[:4] == b":W&B"
+    while pos + 7 <= len(data):
+        left = 32768 - pos % 32768
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if left < 7 or (length == 0 and kind == 0):
+            pos += left
+            continue
+        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+        pending = chunk if kind in (1, 2) else pending + chunk
+        if kind in (1, 4):
+            record = pb.Record()
+            record.ParseFromString(pending)
+            yield record
+
+
+def wandb_summary(run: Path) -> dict:
+    """The W&B run's final summary: its summary records applied in order."""
+    (path,) = run.glob("run-*.wandb")
+    summary: dict = {}
+    for record in wandb_records(path):
+        if record.WhichOneof("record_type") == "summary":
+            for item in record.summary.update:
+                keys = list(item.nested_key) or [item.key]
+                node = summary
+                for k in keys[:-1]:
+                    node = node.setdefault(k, {})
+                node[keys[-1]] = json.loads(item.value_json)
+            for item in record.summary.remove:
+                summary.pop(item.key, None)
+    return summary
+
+
+def same(a, b) -> bool:
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return True
+    return a == b
+
+
 def test_default_logger_writes_an_offline_run_with_the_metrics(tmp_path: Path) -> None:
     run_cli(tmp_path, *SIM, "hydra.run.dir=run/2026-01-02/10-11-12", WANDB_MODE="online")
     run_dir = tmp_path / "run" / "2026-01-02" / "10-11-12"
@@ -46,6 +92,16 @@ def test_default_logger_writes_an_offline_run_with_the_metrics(tmp_path: Path) -
                  b"allocator=paged", b"executor=sim", b"model=llama_13b", b"sim-paged"]:
         assert word in data, word
     assert list((wb / "files" / "media" / "table").glob("requests_*.table.json"))
+
+
+def test_wandb_summary_equals_summary_json_for_every_key(tmp_path: Path) -> None:
+    run_cli(tmp_path, *SIM, "hydra.run.dir=run", "logger.log_every=1")
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    (wb,) = offline_runs(tmp_path / "run")
+    got = wandb_summary(wb)
+    assert {k: got.get(k) for k in summary if not same(got.get(k), summary[k])} == {}
+    history = [r.history for r in wandb_records(next(wb.glob("run-*.wandb"))) if r.WhichOneof("record_type") == "history"]
+    assert len(history) > 5  # per-step metrics were logged, and still did not touch the summary
 
 
 def test_multirun_makes_one_run_per_job_grouped_by_sweep(tmp_path: Path) -> None:
@@ -86,11 +142,15 @@ def test_wandb_init_failure_warns_and_keeps_going(cfg, tmp_path: Path, monkeypat
 
 
 class FakeRun:
-    def __init__(self, fail_log: bool = False) -> None:
+    def __init__(self, fail_log: bool = False, fail_finish: bool = False) -> None:
         self.logged: list[tuple[dict, int | None]] = []
         self.summary: dict = {}
+        self.metrics: list[tuple[str, str]] = []
         self.finished = None
-        self.fail_log = fail_log
+        self.fail_log, self.fail_finish = fail_log, fail_finish
+
+    def define_metric(self, name: str, summary: str | None = None) -> None:
+        self.metrics.append((name, summary))
 
     def log(self, data: dict, step: int | None = None) -> None:
         if self.fail_log:
@@ -98,6 +158,8 @@ class FakeRun:
         self.logged.append((data, step))
 
     def finish(self, exit_code: int = 0) -> None:
+        if self.fail_finish:
+            raise RuntimeError("service gone")
         self.finished = exit_code
 
 
@@ -110,6 +172,7 @@ def test_wandb_logger_sends_config_tags_steps_summary_and_table(cfg, tmp_path: P
     monkeypatch.setattr(wandb, "init", lambda **kw: seen.update(kw) or run)
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
     cfg.logger.mode = "online"
+    cfg.logger.log_every = 1
     logger = loggers.make_logger(cfg, tmp_path, group="2026-01-02_10-11-12", name="block_size=8")
     assert seen["mode"] == "online" and seen["group"] == "2026-01-02_10-11-12" and seen["name"] == "block_size=8"
     assert seen["config"] == OmegaConf.to_container(cfg, resolve=True) and seen["dir"] == str(tmp_path)
@@ -121,7 +184,7 @@ def test_wandb_logger_sends_config_tags_steps_summary_and_table(cfg, tmp_path: P
                              requests=pd.DataFrame({"request_id": [0, 1], "output_token_ids": [[1, 2], [3]]}))
     logger.log_result(result)
     logger.finish()
-    assert run.summary == result.summary and run.finished == 0
+    assert run.summary == result.summary and run.finished == 0 and run.metrics == [("*", "none")]
     table = run.logged[-1][0]["requests"]
     assert "output_token_count" in table.columns and "output_token_ids" not in table.columns
 
@@ -170,3 +233,61 @@ def test_summary_json_is_written_even_when_wandb_breaks(tmp_path: Path) -> None:
     proc = run_cli(tmp_path, *SIM, "hydra.run.dir=run")
     assert "W&B could not start" in proc.stderr and "local results" in proc.stderr
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["num_finished"] == 8
+
+
+def test_log_every_logs_every_nth_step_only(cfg, tmp_path: Path, monkeypatch) -> None:
+    import wandb
+
+    run = FakeRun()
+    monkeypatch.setattr(wandb, "init", lambda **kw: run)
+    cfg.logger.log_every = 4
+    logger = loggers.make_logger(cfg, tmp_path, group="g", name="n")
+    for step in range(10):
+        logger.log_step({"step": step, "memory_waste": 0.0})
+    assert [s for _, s in run.logged] == [0, 4, 8]
+
+
+def test_wandb_raising_in_log_summary_or_finish_never_fails_the_run(cfg, tmp_path: Path, monkeypatch) -> None:
+    import pandas as pd
+    import wandb
+
+    run = FakeRun(fail_log=True, fail_finish=True)
+    monkeypatch.setattr(wandb, "init", lambda **kw: run)
+    logger = loggers.make_logger(cfg, tmp_path, group="g", name="n")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        logger.log_step({"step": 0, "memory_waste": 0.0})
+        logger.log_result(SimpleNamespace(summary={"memory_waste": 0.1}, requests=pd.DataFrame({"request_id": [0]})))
+        logger.finish()
+    assert any("finish failed" in str(w.message) for w in caught)
+
+
+def test_a_hanging_init_times_out_and_warns(cfg, tmp_path: Path, monkeypatch) -> None:
+    import threading
+
+    import wandb
+
+    release = threading.Event()
+    monkeypatch.setattr(wandb, "init", lambda **kw: release.wait(30) and FakeRun())
+    monkeypatch.setenv(loggers.INIT_TIMEOUT_ENV, "0.5")
+    with pytest.warns(RuntimeWarning, match="W&B could not start.*did not return within 0.5 s"):
+        assert isinstance(loggers.make_logger(cfg, tmp_path, group="g", name="n"), loggers.NullLogger)
+    release.set()
+
+
+HANG = """
+import sys, time, wandb
+wandb.init = lambda **kw: time.sleep(3600)
+from pagedlab.run import main
+sys.argv = ["pagedlab", *sys.argv[1:]]
+main()
+"""
+
+
+def test_a_hanging_init_neither_fails_nor_blocks_the_cli(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "HYDRA_"))}
+    env.update(HOME=str(tmp_path), WANDB_BASE_URL="http://127.0.0.1:9", PAGEDLAB_WANDB_INIT_TIMEOUT="1")
+    proc = subprocess.run([sys.executable, "-c", HANG, *SIM, "hydra.run.dir=run"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "did not return within 1 s" in proc.stderr and (tmp_path / "run" / "finished.json").is_file()

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import itertools
 import re
-from collections.abc import Mapping, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import pandas as pd
@@ -24,8 +26,8 @@ from pagedlab.config import (
     VERSION_BASE,
     ConfigError,
     check_overrides,
+    check_plan,
     config_dir,
-    validate,
 )
 from pagedlab.experiment import run_experiment
 
@@ -37,30 +39,46 @@ def _flat_overrides(overrides: Sequence[Any]) -> list[str]:
     return out
 
 
-def compose_with_choices(overrides: Sequence[str] = (), config_name: str = "config") -> tuple[DictConfig, dict]:
-    """Compose and validate like the CLI; also return the group choices (``{"allocator": "paged", ...}``)."""
+@contextmanager
+def composer(config_name: str = "config") -> Iterator[Callable[[Sequence[str]], DictConfig]]:
+    """One Hydra initialization for many compositions: yields ``raw(overrides)``, the composed config
+    with its ``hydra`` node, unchecked. Works inside a running Hydra app (restored afterwards)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.initialize import get_gh_backup, restore_gh_from_backup
 
-    overrides = list(overrides)
-    errors = check_overrides(overrides)
-    if errors:
-        raise ConfigError("Invalid overrides:\n  " + "\n  ".join(errors))
-    backup = get_gh_backup()  # compose inside a running Hydra app (or twice) without clobbering it
+    backup = get_gh_backup()
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(str(config_dir()), version_base=VERSION_BASE, job_name="pagedlab"):
-            cfg = hydra_compose(config_name, overrides=overrides, return_hydra_config=True)
+            yield lambda overrides: hydra_compose(config_name, overrides=list(overrides), return_hydra_config=True)
     finally:
         restore_gh_from_backup(backup)
+
+
+def finish(cfg: DictConfig) -> tuple[DictConfig, dict]:
+    """Drop the ``hydra`` node of a raw composition, run every check (:func:`check_plan`); (cfg, choices)."""
     choices = {k: v for k, v in OmegaConf.to_container(cfg.hydra.runtime.choices).items()
                if not k.startswith("hydra") and v is not None}
     with read_write(cfg), open_dict(cfg):
         del cfg["hydra"]
-    validate(cfg)
+    check_plan(cfg)
     return cfg, choices
+
+
+def compose_point(raw: Callable[[Sequence[str]], DictConfig], overrides: Sequence[str]) -> tuple[DictConfig, dict]:
+    """Check the overrides, compose them with ``raw`` (see :func:`composer`) and check the result."""
+    errors = check_overrides(list(overrides))
+    if errors:
+        raise ConfigError("Invalid overrides:\n  " + "\n  ".join(errors), errors)
+    return finish(raw(overrides))
+
+
+def compose_with_choices(overrides: Sequence[str] = (), config_name: str = "config") -> tuple[DictConfig, dict]:
+    """Compose and check like the CLI; also return the group choices (``{"allocator": "paged", ...}``)."""
+    with composer(config_name) as raw:
+        return compose_point(raw, list(overrides))
 
 
 def compose(*overrides: str | Sequence[str], config_name: str = "config") -> DictConfig:
@@ -86,6 +104,9 @@ def _fmt(v: Any) -> str:
 
 def _apply(cfg: DictConfig, point: Mapping[str, Any]) -> tuple[DictConfig, dict[str, Any]]:
     """A copy of cfg with point applied: group keys load ``conf/<group>/<choice>.yaml``."""
+    errors = check_overrides([format_override(k, v) for k, v in point.items()])
+    if errors:
+        raise ConfigError("Invalid overrides:\n  " + "\n  ".join(errors), errors)
     cfg = cfg.copy()
     choices: dict[str, Any] = {}
     for key, value in point.items():
@@ -97,7 +118,7 @@ def _apply(cfg: DictConfig, point: Mapping[str, Any]) -> tuple[DictConfig, dict[
             choices[key] = value
         else:
             OmegaConf.update(cfg, key, value, merge=False)
-    validate(cfg)
+    check_plan(cfg)
     return cfg, choices
 
 
@@ -106,8 +127,11 @@ def sweep(cfg_or_overrides: DictConfig | Sequence[str] | str, grid: Mapping[str,
     """Run every point of ``grid`` (key -> values; keys are groups or dotted keys) in-process.
 
     The base is a list of overrides (each point is re-composed with them) or a composed config
-    (group keys reload that group's yaml). All points are composed and validated before the first
-    runs. Returns one row per point, as :func:`pagedlab.load_results` does for CLI sweeps.
+    (group keys reload that group's yaml). Every point is composed and checked (:func:`check_plan`)
+    before the first runs; any bad point raises ConfigError naming each, and nothing runs. A point that
+    fails while running does not stop the others: returns one row per point, as
+    :func:`pagedlab.load_results` does for CLI sweeps, with ``status`` ("finished" or "failed") and
+    ``error`` (the exception's type and message, None when finished), and warns once naming the failures.
     """
     from tqdm.auto import tqdm
 
@@ -115,20 +139,38 @@ def sweep(cfg_or_overrides: DictConfig | Sequence[str] | str, grid: Mapping[str,
     points = [dict(zip(keys, vals)) for vals in itertools.product(*(list(grid[k]) for k in keys))]
     if isinstance(cfg_or_overrides, str):
         cfg_or_overrides = [cfg_or_overrides]
-    jobs = []
-    for point in points:
-        overrides = [format_override(k, v) for k, v in point.items()]
-        if isinstance(cfg_or_overrides, DictConfig):
-            cfg, choices = _apply(cfg_or_overrides, point)
-        else:
-            cfg, choices = compose_with_choices([*cfg_or_overrides, *overrides])
-        jobs.append((cfg, choices, overrides))
-    rows = []
+    jobs, bad = [], []
+    with nullcontext() if isinstance(cfg_or_overrides, DictConfig) else composer() as raw:
+        for num, point in enumerate(points):
+            overrides = [format_override(k, v) for k, v in point.items()]
+            try:
+                if isinstance(cfg_or_overrides, DictConfig):
+                    cfg, choices = _apply(cfg_or_overrides, point)
+                else:
+                    cfg, choices = compose_point(raw, [*cfg_or_overrides, *overrides])
+            except Exception as exc:  # noqa: BLE001 - every point's problem is reported before any runs
+                problems = exc.problems if isinstance(exc, ConfigError) else [f"{type(exc).__name__}: {exc}"]
+                bad.append(f"point {num} ({' '.join(overrides)}):\n    " + "\n    ".join(problems))
+            else:
+                jobs.append((cfg, choices, overrides))
+    if bad:
+        raise ConfigError(f"Invalid sweep, nothing was run: {len(bad)} of {len(points)} points fail their checks:\n  "
+                          + "\n  ".join(bad), bad)
+    rows, failed = [], []
     for num, (cfg, choices, overrides) in enumerate(tqdm(jobs, desc="sweep", unit="run", disable=not progress)):
-        result = run_experiment(cfg, progress=False)
-        rows.append(make_row(result.summary, OmegaConf.to_container(cfg, resolve=True), choices=choices,
+        summary: dict[str, Any] = {"status": "finished", "error": None}
+        try:
+            summary = {**run_experiment(cfg, progress=False).summary, **summary}
+        except Exception as exc:  # noqa: BLE001 - one failed point does not stop the others
+            summary = {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}
+            failed.append(f"point {num} ({' '.join(overrides)}): {summary['error']}")
+        rows.append(make_row(summary, OmegaConf.to_container(cfg, resolve=True), choices=choices,
                              overrides=overrides, job=num))
+    if failed:
+        warnings.warn(f"pagedlab.sweep: {len(failed)} of {len(jobs)} points failed (rows with status='failed'):\n  "
+                      + "\n  ".join(failed), RuntimeWarning, stacklevel=2)
     return pd.DataFrame(rows)
 
 
-__all__ = ["compose", "compose_with_choices", "format_override", "run_experiment", "sweep"]
+__all__ = ["compose", "compose_point", "compose_with_choices", "composer", "finish", "format_override",
+           "run_experiment", "sweep"]

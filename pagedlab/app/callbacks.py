@@ -1,53 +1,150 @@
-"""Hydra callback: at the end of a multirun, gather every job's summary.json + flattened config
-into ``summary.parquet`` at the sweep root and print a comparison table. Registered in
-``conf/config.yaml`` under ``hydra.callbacks``; works with any launcher whose jobs write into the
-sweep dir (basic, joblib, submitit on a shared file system).
+"""Hydra callback: keep ``summary.parquet`` at the sweep root current while a multirun runs.
+
+After every job (``on_job_end``, which runs in the job's process: the main one for the basic launcher,
+a worker for joblib) the job's row is merged into summary.parquet, rewritten atomically under a lock
+file; a failed job is a row with ``status="failed"`` and its ``error`` (and leaves ``failed.json`` in its
+dir). When the multirun ends the table is rebuilt from the job dirs and printed. Registered in
+``conf/config.yaml`` under ``hydra.callbacks``; works with any launcher whose jobs write into the sweep
+dir (basic, joblib, submitit on a shared file system).
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from pagedlab.app.results import format_table, headline_columns, load_results, override_key
+from pagedlab.app.results import (
+    find_runs,
+    format_table,
+    headline_columns,
+    make_row,
+    override_key,
+    read_hydra,
+    read_run,
+    with_status,
+)
+from pagedlab.engine.result import FileLock, atomic_write, check_run, stored_config
 
 log = logging.getLogger(__name__)
+FAILED = "failed.json"
+SUMMARY = "summary.parquet"
+
+
+def error_text(exc: BaseException) -> str:
+    """``Type: message`` of an exception, on one line."""
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+
+
+def failed_row(job_dir: Path, error: str | None = None) -> dict[str, Any]:
+    """The row of a failed job: what Hydra recorded in its dir, status "failed" and the error."""
+    if error is None:
+        error = json.loads((job_dir / FAILED).read_text()).get("error")
+    try:
+        config = (stored_config(job_dir) or ("", {}))[1]
+        choices, overrides, job = read_hydra(job_dir)
+    except (OSError, ValueError):
+        config, choices, overrides, job = {}, {}, [], None
+    row = make_row({}, config, choices=choices, overrides=overrides, run_dir=str(job_dir), job=job)
+    return with_status(row, "failed", error)
+
+
+def sweep_rows(sweep_dir: Path) -> list[dict[str, Any]]:
+    """Rows of every finished and failed job under sweep_dir, in job order."""
+    rows = [read_run(d) for d in find_runs(sweep_dir, warn=False)]
+    finished = {r["run_dir"] for r in rows}
+    rows += [failed_row(p.parent) for p in sweep_dir.rglob(FAILED)
+             if ".hydra" not in p.parts and str(p.parent) not in finished and check_run(p.parent) is not None]
+    return sorted(rows, key=_job_key)
+
+
+def _job_key(row: dict[str, Any]) -> tuple:
+    job = row.get("job")
+    return (0, job, "") if isinstance(job, int) else (1, 0, str(row.get("run_dir")))
+
+
+def write_summary(sweep_dir: Path, rows: list[dict[str, Any]], merge: bool = False) -> Path:
+    """Write rows to sweep_dir/summary.parquet atomically, under a lock file; with merge, rows replace
+    the existing rows of the same run dirs and the others are kept."""
+    out = sweep_dir / SUMMARY
+    with FileLock(sweep_dir / f".{SUMMARY}.lock").acquire(timeout=60):
+        if merge and out.is_file():
+            old = pd.read_parquet(out)
+            keep = [r for r in old.to_dict("records") if r.get("run_dir") not in {x["run_dir"] for x in rows}]
+            rows = sorted([*({k: v for k, v in r.items() if not _missing(v)} for r in keep), *rows], key=_job_key)
+        df = parquet_safe(pd.DataFrame(rows))
+        atomic_write(out, lambda p: df.to_parquet(p, index=False))
+    return out
+
+
+def parquet_safe(df: pd.DataFrame) -> pd.DataFrame:
+    """df with every object column of mixed value types (a failed job's ``"0"`` next to ``16``) as text."""
+    df = df.copy()
+    for col in df.columns[df.dtypes == object]:
+        values = df[col].dropna()
+        if values.map(type).nunique() > 1:
+            df[col] = df[col].map(lambda v: v if _missing(v) else str(v))
+    return df
+
+
+def _missing(v: Any) -> bool:
+    return v is None or (isinstance(v, float) and math.isnan(v))
 
 
 def summarize_sweep(sweep_dir: str | Path, quiet: bool = False) -> Path | None:
-    """Write ``summary.parquet`` for the runs under sweep_dir; return its path (None if no runs)."""
+    """Rebuild ``summary.parquet`` from the job dirs under sweep_dir and print a comparison table;
+    returns its path (None if there is no finished or failed job)."""
     sweep_dir = Path(sweep_dir)
-    try:
-        df = load_results(sweep_dir)
-    except FileNotFoundError:
+    rows = sweep_rows(sweep_dir)
+    if not rows:
         log.warning("pagedlab: no finished jobs under %s, no summary.parquet written", sweep_dir)
         return None
-    if "job" in df.columns and df["job"].notna().all():
-        df = df.sort_values("job", kind="stable").reset_index(drop=True)
-    out = sweep_dir / "summary.parquet"
-    df.to_parquet(out, index=False)
+    out = write_summary(sweep_dir, rows)
     if not quiet:
+        df = pd.DataFrame(rows)
         swept = list(dict.fromkeys(override_key(o) for ovs in df["overrides"] for o in ovs.split() if o))
         swept = [k for k in swept if not k.startswith("hydra") and k in df.columns]
         varying = [k for k in swept if df[k].astype(str).nunique() > 1]
         swept = varying or swept
-        print(f"\n{len(df)} runs -> {out}")
-        print(format_table(df, ["job", *swept, *headline_columns(df)]))
+        failed = int((df["status"] == "failed").sum())
+        print(f"\n{len(df)} runs ({failed} failed) -> {out}" if failed else f"\n{len(df)} runs -> {out}")
+        print(format_table(df, ["job", "status", *swept, *headline_columns(df)] if failed else
+                           ["job", *swept, *headline_columns(df)]))
     return out
 
 
 class SweepSummary(Callback):
-    """Writes summary.parquet (one row per job) at the sweep root when a multirun ends."""
+    """Keeps summary.parquet (one row per finished or failed job) at the sweep root current."""
 
     def __init__(self) -> None:
         self.sweep_dir: Path | None = None
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         self.sweep_dir = Path(config.hydra.sweep.dir)  # resolve ${now:...} once, as the sweeper does
+
+    def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
+        if config.hydra.mode != RunMode.MULTIRUN:
+            return
+        try:
+            job_dir = Path(config.hydra.runtime.output_dir)
+            if job_return.status == JobStatus.COMPLETED and check_run(job_dir) is None:
+                row = read_run(job_dir)
+            else:
+                exc = job_return._return_value
+                error = error_text(exc) if isinstance(exc, BaseException) else f"job status {job_return.status}"
+                atomic_write(job_dir / FAILED, lambda p: p.write_text(json.dumps({"error": error}) + "\n"))
+                row = failed_row(job_dir, error)
+            write_summary(self.sweep_dir or Path(config.hydra.sweep.dir), [row], merge=True)
+        except Exception as exc:  # noqa: BLE001 - the table is a convenience; never fail a job for it
+            log.warning("pagedlab: could not update summary.parquet (%s)", error_text(exc))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         summarize_sweep(self.sweep_dir or Path(config.hydra.sweep.dir))

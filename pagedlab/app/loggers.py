@@ -1,6 +1,9 @@
 """Run loggers: ``logger=wandb`` (offline by default, never touches the network unless asked) and
-``logger=none``. Local results are the record; W&B is a mirror, so a logger that cannot start or
-fails mid-run warns and steps aside.
+``logger=none``. Local results are the record; W&B is a mirror, so a logger that cannot start (or
+whose ``wandb.init`` takes longer than ``PAGEDLAB_WANDB_INIT_TIMEOUT`` seconds, default 60) or fails
+mid-run warns and steps aside. The W&B summary equals summary.json: per-step metrics write no summary
+(``define_metric("*", summary="none")``) and the summary is set last. ``logger.log_every=N`` logs every
+Nth engine step to W&B; the files keep every step.
 
     logger = make_logger(cfg, run_dir, group="sweep-x", name="block_size=8", job_num=0)
     try:
@@ -15,6 +18,7 @@ from __future__ import annotations
 import math
 import netrc
 import os
+import threading
 import warnings
 from pathlib import Path
 from typing import Any, Protocol
@@ -81,6 +85,45 @@ def request_table_frame(requests: pd.DataFrame) -> pd.DataFrame:
     return df
 
 
+INIT_TIMEOUT_ENV = "PAGEDLAB_WANDB_INIT_TIMEOUT"
+
+
+def init_timeout() -> float:
+    """Seconds ``wandb.init`` may take: ``$PAGEDLAB_WANDB_INIT_TIMEOUT``, default 60."""
+    try:
+        return float(os.environ.get(INIT_TIMEOUT_ENV, "60"))
+    except ValueError:
+        return 60.0
+
+
+def call_with_timeout(fn: Any, timeout: float, **kwargs: Any) -> Any:
+    """fn(**kwargs) in a daemon thread; TimeoutError if it has not returned after timeout seconds (the
+    thread is abandoned and cannot block exit; a run it starts late is finished there)."""
+    box: dict[str, Any] = {}
+    abandoned = threading.Event()
+
+    def target() -> None:
+        try:
+            box["value"] = fn(**kwargs)
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller
+            box["error"] = exc
+        if abandoned.is_set() and hasattr(box.get("value"), "finish"):
+            try:
+                box["value"].finish(exit_code=1)
+            except Exception:  # noqa: BLE001, S110 - nobody is left to tell
+                pass
+
+    thread = threading.Thread(target=target, name="pagedlab-wandb-init", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        abandoned.set()
+        raise TimeoutError(f"wandb.init did not return within {timeout:g} s (${INIT_TIMEOUT_ENV})")
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
 class WandbLogger:
     """One W&B run per job; per-step metrics with step = engine step; summary; request table."""
 
@@ -96,14 +139,16 @@ class WandbLogger:
         wb_dir.mkdir(parents=True, exist_ok=True)
         choices = {c: str(OmegaConf.select(cfg, f"{c}.name", default=c)) for c in COMPONENTS}
         tags = [f"{c}={v}" for c, v in choices.items()] + [str(t) for t in cfg.logger.tags]
-        self.run = wandb.init(
-            project=cfg.logger.project, entity=cfg.logger.entity, group=group[:128], name=name[:128],
+        self.run = call_with_timeout(
+            wandb.init, init_timeout(), project=cfg.logger.project, entity=cfg.logger.entity, group=group[:128], name=name[:128],
             job_type=f"{choices['executor']}-{choices['allocator']}"[:64], tags=[t[:64] for t in tags],
             config=OmegaConf.to_container(cfg, resolve=True), dir=str(wb_dir), mode=mode, reinit="create_new",
             settings=wandb.Settings(silent=True, console="off", x_disable_stats=True, disable_git=True,
                                     save_code=False),
         )
+        self.log_every = max(1, int(OmegaConf.select(cfg, "logger.log_every", default=1) or 1))
         self._broken = False
+        self._safely("define_metric", self.run.define_metric, "*", summary="none")  # steps write no summary
 
     def _safely(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> None:
         if self._broken:
@@ -117,16 +162,16 @@ class WandbLogger:
     def log_step(self, row: dict[str, Any]) -> None:
         data = _numeric(row)
         step = data.pop("step", None)
+        if step is not None and int(step) % self.log_every:
+            return
         self._safely("log", self.run.log, data, step=int(step) if step is not None else None)
 
     def log_result(self, result: Any) -> None:
-        def write() -> None:
-            for k, v in result.summary.items():
-                self.run.summary[k] = v
-            if len(result.requests):
-                self.run.log({"requests": self._wandb.Table(dataframe=request_table_frame(result.requests))})
-
-        self._safely("summary", write)
+        """The request table (committing the last step), then the summary: summary.json's values."""
+        if len(result.requests):
+            table = self._wandb.Table(dataframe=request_table_frame(result.requests))
+            self._safely("log", self.run.log, {"requests": table})
+        self._safely("summary", self.run.summary.update, dict(result.summary))
 
     def finish(self, exit_code: int = 0) -> None:
         try:

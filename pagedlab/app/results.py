@@ -1,20 +1,25 @@
 """Runs as pandas rows: load run dirs / sweep dirs / globs, flatten configs, compare groups.
 
-One row per run: ``run_dir``, ``job``, ``overrides`` (the command-line overrides), one column per
-config group choice (``allocator``, ``model``, ...; ``experiment`` if used), the summary metrics
-(``memory_waste``, ...) and the flattened config (``block_size``, ``allocator.name``, ...).
+One row per run: ``run_dir``, ``job``, ``overrides`` (the command-line overrides), ``status`` and
+``error``, one column per config group choice (``allocator``, ``model``, ...; ``experiment`` if used),
+the summary metrics (``memory_waste``, ...) and the flattened config (``block_size``, ``allocator.name``,
+...). Only finished runs count: a dir with ``finished.json`` whose files match it (see
+:func:`pagedlab.engine.result.check_run`); anything else is skipped with a warning.
 """
 
 from __future__ import annotations
 
 import glob
 import json
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import yaml
+
+from pagedlab.engine.result import MARKER, check_run, stored_config
 
 METRICS = [
     "memory_waste", "kv_utilization_mean", "kv_utilization_max", "batch_size_mean", "batch_size_max",
@@ -65,44 +70,56 @@ def make_row(summary: Mapping[str, Any], config: Mapping[str, Any], *, choices: 
     return row
 
 
+def read_hydra(run_dir: str | Path) -> tuple[dict[str, Any], list[str], int | None]:
+    """(choices, overrides, job number) from a run dir's ``.hydra/hydra.yaml`` (empty if absent)."""
+    path = Path(run_dir) / ".hydra" / "hydra.yaml"
+    if not path.is_file():
+        return {}, [], None
+    hydra = (yaml.safe_load(path.read_text()) or {}).get("hydra", {})
+    choices = hydra.get("runtime", {}).get("choices", {}) or {}
+    overrides = list(hydra.get("overrides", {}).get("task", []) or [])
+    num = hydra.get("job", {}).get("num")
+    return choices, overrides, num if isinstance(num, int) else None
+
+
+def with_status(row: dict[str, Any], status: str, error: str | None = None) -> dict[str, Any]:
+    """row with ``status`` ("finished"/"failed") and ``error`` placed after ``overrides``."""
+    head = {k: row[k] for k in ("run_dir", "job", "overrides") if k in row}
+    return {**head, "status": status, "error": error, **{k: v for k, v in row.items() if k not in head}}
+
+
 def read_run(run_dir: str | Path) -> dict[str, Any]:
     """The row of one run dir (summary.json + .hydra/config.yaml or config.json + Hydra choices)."""
     d = Path(run_dir)
     summary = json.loads((d / "summary.json").read_text())
-    hydra_dir = d / ".hydra"
-    if (hydra_dir / "config.yaml").is_file():
-        config = yaml.safe_load((hydra_dir / "config.yaml").read_text()) or {}
-    elif (d / "config.json").is_file():
-        config = json.loads((d / "config.json").read_text())
-    else:
-        config = {}
-    choices: dict[str, Any] = {}
-    overrides: list[str] = []
-    job = None
-    if (hydra_dir / "hydra.yaml").is_file():
-        hydra = (yaml.safe_load((hydra_dir / "hydra.yaml").read_text()) or {}).get("hydra", {})
-        choices = hydra.get("runtime", {}).get("choices", {}) or {}
-        overrides = list(hydra.get("overrides", {}).get("task", []) or [])
-        num = hydra.get("job", {}).get("num")
-        job = num if isinstance(num, int) else None
-    return make_row(summary, config, choices=choices, overrides=overrides, run_dir=str(d), job=job)
+    config = (stored_config(d) or ("", {}))[1]
+    choices, overrides, job = read_hydra(d)
+    row = make_row(summary, config, choices=choices, overrides=overrides, run_dir=str(d), job=job)
+    return with_status(row, "finished")
 
 
-def find_runs(path: str | Path | Iterable[str | Path]) -> list[Path]:
-    """Run dirs (holding summary.json) under a run dir, a sweep dir, a glob, or a list of those."""
+def find_runs(path: str | Path | Iterable[str | Path], warn: bool = True) -> list[Path]:
+    """Finished run dirs under a run dir, a sweep dir, a glob, or a list of those. A dir with results
+    but no valid ``finished.json`` (unfinished, interrupted, failed, rewritten) is skipped, with a
+    warning naming it and why unless ``warn=False``."""
     if not isinstance(path, (str, Path)):
-        return sorted({r for p in path for r in find_runs(p)}, key=_run_order)
-    p = Path(path)
-    if any(ch in str(path) for ch in "*?["):
-        hits = [Path(h) for h in glob.glob(str(path), recursive=True)]
-    else:
-        hits = [p]
-    runs: set[Path] = set()
+        return sorted({r for p in path for r in find_runs(p, warn)}, key=_run_order)
+    hits = [Path(h) for h in glob.glob(str(path), recursive=True)] if any(c in str(path) for c in "*?[") \
+        else [Path(path)]
+    candidates: set[Path] = set()
     for h in hits:
-        if h.is_file() and h.name == "summary.json":
-            runs.add(h.parent)
+        if h.is_file() and h.name in (MARKER, "summary.json"):
+            candidates.add(h.parent)
         elif h.is_dir():
-            runs.update(s.parent for s in h.rglob("summary.json") if ".hydra" not in s.parts)
+            candidates.update(s.parent for name in (MARKER, "summary.json") for s in h.rglob(name)
+                              if ".hydra" not in s.parts)
+    runs = []
+    for d in sorted(candidates, key=_run_order):
+        problem = check_run(d)
+        if problem is None:
+            runs.append(d)
+        elif warn:
+            warnings.warn(f"pagedlab: skipping {d}: {problem}", RuntimeWarning, stacklevel=2)
     return sorted(runs, key=_run_order)
 
 
@@ -114,7 +131,7 @@ def load_results(path: str | Path | Iterable[str | Path]) -> pd.DataFrame:
     """One DataFrame of runs from a run dir, a sweep dir, a glob (``results/multirun/**``) or a list."""
     runs = find_runs(path)
     if not runs:
-        raise FileNotFoundError(f"no runs (summary.json) found under {path!s}")
+        raise FileNotFoundError(f"no finished runs ({MARKER}) found under {path!s}")
     return pd.DataFrame([read_run(r) for r in runs])
 
 

@@ -22,6 +22,10 @@ from pagedlab.executors.base import Executor, ModelInput, StepInput
 from pagedlab.kv import BlockManager
 
 
+class EngineStuck(RuntimeError):
+    """A step scheduled nothing while work was waiting and nothing could change: a bug, never a loop."""
+
+
 class Engine:
     """One scheduler and one block manager driving an executor ("sim" or "torch")."""
 
@@ -42,6 +46,8 @@ class Engine:
         self.wall = executor.time_source == "wall"
         self.clock = 0.0
         self.recorder = Recorder(block_manager.num_blocks, block_manager.block_size, executor.time_source)
+        scheduler.on_free = self.recorder.close_seq
+        self.num_requests = 0
 
     # -- requests ---------------------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -56,6 +62,7 @@ class Engine:
     ) -> RunResult:
         """Run every request to completion; `progress(n)` is told of each finished request."""
         pending = deque(sorted(requests, key=lambda r: r.arrival_time))
+        self.num_requests += len(pending)
         if pending:
             self.clock = pending[0].arrival_time
         while pending or self.scheduler.has_unfinished():
@@ -65,6 +72,8 @@ class Engine:
                 self.clock = pending[0].arrival_time
                 continue
             row, finished = self.step()
+            if not row["progress"]:
+                raise EngineStuck(self._stuck_reason())
             if on_step is not None:
                 on_step(row)
             if progress is not None and finished:
@@ -72,13 +81,30 @@ class Engine:
         return self.result()
 
     def result(self) -> RunResult:
-        steps = self.recorder.steps_frame(self.scheduler.final_slots)
+        """The run's tables and summary; checks that every request ended exactly once."""
+        steps = self.recorder.steps_frame()
         requests = self.recorder.requests_frame()
         summary = summarize(steps, requests, self.executor.time_source)
         stats = self.bm.stats()
         summary["prefix_hit_rate"] = stats.prefix_hit_tokens / stats.prefix_query_tokens if (
             stats.prefix_query_tokens) else 0.0
+        summary["num_requests"] = self.num_requests
+        if summary["num_finished"] + summary["num_rejected"] != self.num_requests:
+            raise RuntimeError(f"counts do not add up: {summary['num_finished']} finished + "
+                               f"{summary['num_rejected']} rejected != {self.num_requests} requests")
         return RunResult(summary=summary, steps=steps, requests=requests)
+
+    def _stuck_reason(self) -> str:
+        s, st = self.scheduler, self.bm.stats()
+        head = s.swapped[0] if s.swapped else s.waiting[0] if s.waiting else None
+        where = "swapped" if s.swapped else "waiting"
+        what = "nothing queued" if head is None else (
+            f"request {head.request_id!r} is {where} with {len(head.seqs)} sequence(s) of "
+            f"{max(len(q.tokens) for q in head.seqs)} tokens")
+        return (f"engine stuck at step {s.step_index}: nothing was scheduled and nothing can change; {what}; "
+                f"{len(s.running)} running, {len(s.waiting)} waiting, {len(s.swapped)} swapped; "
+                f"{st.free_blocks} of {st.num_blocks} blocks free (watermark {self.bm.watermark_blocks}), "
+                f"max_num_seqs={s.max_num_seqs}, max_num_batched_tokens={s.max_num_batched_tokens}")
 
     # -- one step ---------------------------------------------------------------------------------
     def step(self) -> tuple[dict[str, Any], int]:
@@ -108,15 +134,21 @@ class Engine:
             finished += self._process(sched, self.clock + step_time)
         self.clock += step_time
         row["time"], row["step_time"] = self.clock, step_time
-        return self.recorder.record_step(row, tails), finished
+        row["num_preempted"] = sched.num_preempted  # forks after the step may have preempted too
+        row = self.recorder.record_step(row, tails)
+        row["progress"] = bool(model_input.num_seqs or sched.swap_out or sched.swap_in or sched.fork_copies
+                               or sched.rejected or sched.num_preempted)
+        return row, finished
 
     def _build_input(self, sched: SchedulerOutput) -> ModelInput:
         bs = self.block_size
         mi = ModelInput([], [], [], [], [], [], [])
         ids, pos, slots = mi.input_ids, mi.positions, mi.slot_mapping
+        chunk_end = sched.chunk_end
         for _, seqs in sched.scheduled:
             for seq in seqs:
-                start, end = seq.num_computed, len(seq.tokens)
+                start = seq.num_computed
+                end = chunk_end.get(seq.seq_id, len(seq.tokens)) if chunk_end else len(seq.tokens)
                 table = self.bm.block_table(seq.seq_id)
                 if end - start == 1:  # decode: one token, one slot
                     ids.append(seq.tokens[start])
@@ -168,13 +200,20 @@ class Engine:
         """Choose next tokens, then grow, fork, finish. Returns how many requests finished."""
         row = 0
         finished = 0
+        chunk_end = sched.chunk_end
         for group, seqs in sched.scheduled:
             rows = list(range(row, row + len(seqs)))
             row += len(seqs)
+            if group.status is not GroupStatus.RUNNING:  # preempted after the step to make room for forks
+                continue
+            if chunk_end and any(s.seq_id in chunk_end for s in seqs):  # a prefill chunk: nothing to sample
+                for seq in seqs:
+                    seq.num_computed = chunk_end.get(seq.seq_id, seq.num_computed)
+                continue
             for seq in seqs:
                 seq.num_computed = len(seq.tokens)
             if group.is_beam:
-                self._beam_step(group, rows)
+                self._beam_step(group, rows, sched)
             elif len(seqs) < len(group.seqs):  # first step of parallel sampling: n from one row
                 for seq, token in zip(list(group.seqs), self.chooser.sample_n(group, rows[0], len(group.seqs))):
                     seq.num_computed = seqs[0].num_computed
@@ -204,9 +243,10 @@ class Engine:
         group.seqs.remove(seq)
         group.done.append(seq)
 
-    def _beam_step(self, group: SequenceGroup, rows: list[int]) -> None:
+    def _beam_step(self, group: SequenceGroup, rows: list[int], sched: SchedulerOutput) -> None:
         """Keep the k best continuations: drop the beams no survivor descends from, fork the
-        parents chosen more than once (free first, so copying policies always have room)."""
+        parents chosen more than once (free first; copying policies preempt others for room, or
+        this group itself when even alone it cannot hold the copies)."""
         k = group.sampling.beam_width
         first = any(not s.ready for s in group.seqs)
         beams = group.seqs
@@ -227,30 +267,43 @@ class Engine:
         for i, seq in enumerate(beams):
             if i not in used:
                 self.scheduler.free_seq(seq)
+        group.seqs = [beams[i] for i in sorted(used)]  # the beams that still hold KV
+        done_eos = len([s for s in group.done if s.finish_reason == "eos"]) >= k
+        at_max = bool(chosen) and beams[chosen[0][0]].output_len + 1 >= group.sampling.max_tokens
+        finishing = at_max or done_eos or not chosen
+        # a parent chosen more than once is forked for each further child: copying policies need room
+        first_of = {p: i for i, (p, _, _) in reversed(list(enumerate(chosen)))}
+        forks = [beams[p] for i, (p, _, _) in enumerate(chosen) if first_of[p] != i]
+        in_place = finishing or self.scheduler.make_room_for_forks(group, forks, sched)
         survivors: list[Sequence] = []
-        taken: set[int] = set()
-        for parent, token, score in chosen:
+        for i, (parent, token, score) in enumerate(chosen):
             seq = beams[parent]
-            if parent in taken:
-                seq = self.scheduler.fork(seq)
+            if first_of[parent] != i:
+                if in_place and not finishing:
+                    seq = self.scheduler.fork(seq)
+                else:  # no KV needed: the group ends now, or is recomputed later
+                    seq = seq.fork(self.scheduler.new_seq_id())
+                    seq.num_computed = 0
                 seq.tokens.pop()  # the parent's new token was appended already
-            else:
-                taken.add(parent)
             seq.ready = True
             seq.tokens.append(token)
             seq.cum_logprob = score
             survivors.append(seq)
-        group.seqs = survivors
-        done_eos = len([s for s in group.done if s.finish_reason == "eos"]) >= k
-        at_max = bool(survivors) and survivors[0].output_len >= group.sampling.max_tokens
-        if at_max or done_eos or not survivors:
+        if not in_place:  # even alone the group cannot hold the copies: recompute its beams later
+            self.scheduler.requeue(group, sched)
+            group.seqs = survivors
+            return
+        if finishing:
             # Finished hypotheses only, as HF's beam search returns (early_stopping=True): live beams
             # join them when they reach max_tokens, not when k hypotheses ended with EOS first.
+            for seq in group.seqs:
+                self.scheduler.free_seq(seq)
             for seq in survivors:
                 seq.finish_reason = "length"
-                self.scheduler.free_seq(seq)
             group.done = sorted(group.done + (survivors if at_max else []), key=lambda s: -s.cum_logprob)[:k]
             group.seqs = []
+        else:
+            group.seqs = survivors
 
     def _finish(self, group: SequenceGroup, now: float) -> int:
         group.status = GroupStatus.FINISHED

@@ -3,9 +3,11 @@
 Per step (over sequences resident in device memory, after the step's allocations):
 T token slots (shared once), A allocated slots, X external fragmentation,
 memory_waste = (A - T + X) / (A + X), kv_utilization = T / C. The run's memory_waste is the mean
-over decode steps (steps in which at least one sequence decodes). After the run, A - T is split
-into `reserved` (slots their owner fills later) and `internal_frag` (never filled) using each
-sequence's final length.
+over decode steps (steps in which at least one sequence decodes). A - T is split into `reserved`
+(slots their owner fills later) and `internal_frag` (never filled): a sequence's unfilled tail is
+kept only while the sequence holds its blocks, as runs of steps, and is charged to those steps
+when the blocks are freed and its final length is known. So memory grows with the run only by one
+fixed row per step.
 """
 
 from __future__ import annotations
@@ -34,29 +36,54 @@ class Recorder:
         self.block_size = block_size
         self.time_source = time_source
         self.rows: list[tuple] = []
-        self.tails: list[list[tuple[int, int, int]]] = []  # per step: (seq_id, tokens, capacity)
         self.groups: list[SequenceGroup] = []
+        self.reserved = np.zeros(1024, dtype=np.int64)  # per step, charged when a sequence is freed
+        # live sequence -> runs [first step, tokens then, capacity, steps] of steps in which its
+        # tokens grew by one per step under a fixed capacity
+        self._tails: dict[int, list[list[int]]] = {}
 
     def record_step(self, row: dict[str, Any], tails: list[tuple[int, int, int]]) -> dict[str, Any]:
         a, t, x = row["allocated_slots"], row["token_slots"], row["external_frag"]
         row["memory_waste"] = (a - t + x) / (a + x) if a + x else 0.0
         row["kv_utilization"] = t / self.capacity
+        i = len(self.rows)
         self.rows.append(tuple(row[c] for c in STEP_COLUMNS))
-        self.tails.append(tails)
+        open_tails = self._tails
+        for sid, n, cap in tails:
+            runs = open_tails.get(sid)
+            if runs is None:
+                open_tails[sid] = [[i, n, cap, 1]]
+                continue
+            last = runs[-1]
+            if last[2] == cap and last[0] + last[3] == i and last[1] + last[3] == n:
+                last[3] += 1
+            else:
+                runs.append([i, n, cap, 1])
         return row
+
+    def close_seq(self, seq_id: int, final_slots: int) -> None:
+        """A sequence gave its blocks back holding ``final_slots``: charge its tails' reserved slots."""
+        runs = self._tails.pop(seq_id, None)
+        if not runs:
+            return
+        if len(self.reserved) < len(self.rows):
+            self.reserved = np.concatenate([self.reserved, np.zeros(len(self.rows) + 1024, np.int64)])
+        for first, n, cap, count in runs:
+            filled = n + np.arange(count)
+            self.reserved[first:first + count] += np.clip(min(final_slots, cap) - filled, 0, None)
 
     def record_group(self, group: SequenceGroup) -> None:
         self.groups.append(group)
 
     # -- after the run ----------------------------------------------------------------------------
-    def steps_frame(self, final_slots: dict[int, int]) -> pd.DataFrame:
+    def steps_frame(self) -> pd.DataFrame:
+        for sid in list(self._tails):  # still holding blocks (a run cut short): final length is now
+            _, n, _, count = self._tails[sid][-1]
+            self.close_seq(sid, n + count - 1)
         steps = pd.DataFrame.from_records(self.rows, columns=STEP_COLUMNS)
-        reserved = np.zeros(len(steps), dtype=np.int64)
-        for i, tails in enumerate(self.tails):
-            if tails:
-                ids, lens, caps = zip(*tails)
-                finals = np.fromiter((final_slots.get(s, n) for s, n in zip(ids, lens)), np.int64, len(ids))
-                reserved[i] = np.clip(np.minimum(finals, caps) - np.asarray(lens), 0, None).sum()
+        if len(self.reserved) < len(steps):
+            self.reserved = np.concatenate([self.reserved, np.zeros(len(steps), np.int64)])
+        reserved = self.reserved[:len(steps)].copy()
         steps["reserved_slots"] = reserved
         steps["internal_frag"] = steps["allocated_slots"] - steps["token_slots"] - reserved
         return steps
@@ -122,7 +149,7 @@ def summarize(steps: pd.DataFrame, requests: pd.DataFrame, time_source: str) -> 
         return float(share.mean()) if len(share) else 0.0
 
     logical = decode["logical_blocks"].sum()
-    num_rejected = int((requests["status"] == GroupStatus.REJECTED.value).sum()) if len(requests) else 0
+    rejected = requests[requests["status"] == GroupStatus.REJECTED.value] if len(requests) else requests
     return {
         "memory_waste": float(decode["memory_waste"].mean()) if len(decode) else 0.0,
         "token_states_share": mean_share(decode["token_slots"]),
@@ -147,8 +174,10 @@ def summarize(steps: pd.DataFrame, requests: pd.DataFrame, time_source: str) -> 
         "fork_copies": int(steps["fork_copies"].sum()),
         "sharing_saving": float(1 - decode["used_blocks"].sum() / logical) if logical else 0.0,
         "prefix_hit_tokens": int(steps["prefix_hit_tokens"].sum()),
-        "num_rejected": num_rejected,
+        "num_rejected": int((rejected["seq_index"] == 0).sum()) if len(rejected) else 0,
         "num_finished": len(first_rows),
+        "num_rejected_seqs": len(rejected),
+        "num_finished_seqs": len(done),
         "generated_tokens": generated,
         "num_steps": len(steps),
         "makespan_s": makespan if generated else 0.0,

@@ -8,11 +8,23 @@ Each step, in order:
 3. only when no group waits in swap, waiting requests are admitted in arrival order while the
    block manager can hold their prompts and `max_num_seqs` / `max_num_batched_tokens` allow.
 A request that can never fit is rejected with its reason and the run goes on.
+
+A group preempted by recompute can come back with more tokens than `max_num_batched_tokens` (each
+of its n samples or beams is re-prefilled). It is admitted with all its KV slots and prefilled in
+chunks that fit the token budget (chunked prefill, as vLLM does): first every sequence up to its
+last token, then one step in which every sequence computes its last token and samples together,
+as beam search needs.
+
+Forks after a step (beam search) under a copying policy (`cow=false`, contiguous allocators) need
+free blocks; when there are too few, other running groups are preempted by recompute to make room
+(no swap: its copies would have to run before the pending fork copies), and failing that the
+beam group itself is.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import count
 
@@ -33,6 +45,7 @@ class SchedulerOutput:
     swap_in: list[tuple[int, int]] = field(default_factory=list)
     block_copies: list[tuple[int, int]] = field(default_factory=list)
     rejected: list[SequenceGroup] = field(default_factory=list)
+    chunk_end: dict[int, int] = field(default_factory=dict)  # seq id -> end of a partial prefill chunk
     num_preempted: int = 0
     num_swap_fallbacks: int = 0  # swap wanted but host space full: recomputed instead
     recomputed_tokens: int = 0
@@ -70,7 +83,7 @@ class Scheduler:
         self.running: list[SequenceGroup] = []
         self.swapped: deque[SequenceGroup] = deque()
         self.pending_fork_copies: list[tuple[int, int]] = []
-        self.final_slots: dict[int, int] = {}  # seq_id -> slots it held when last freed
+        self.on_free: Callable[[int, int], None] | None = None  # told (seq id, slots held) at each free
         self._seq_ids = count()
         self.step_index = 0
 
@@ -86,7 +99,8 @@ class Scheduler:
 
     def free_seq(self, seq: Sequence) -> None:
         """Release a sequence's blocks (finished, dropped beam, or preempted by recompute)."""
-        self.final_slots[seq.seq_id] = self.bm.num_tokens(seq.seq_id)
+        if self.on_free is not None:
+            self.on_free(seq.seq_id, self.bm.num_tokens(seq.seq_id))
         self.bm.free(seq.seq_id)
 
     def fork(self, parent: Sequence) -> Sequence:
@@ -95,13 +109,31 @@ class Scheduler:
         self.pending_fork_copies += self.bm.fork(parent.seq_id, child.seq_id)
         return child
 
+    def make_room_for_forks(self, group: SequenceGroup, parents: list[Sequence], out: SchedulerOutput) -> bool:
+        """After a step: whether ``parents`` (one entry per child) can be forked, preempting other
+        running groups by recompute while they cannot. False: not even with the group alone."""
+        ids = [p.seq_id for p in parents]
+        while not self.bm.can_fork_many(ids):
+            others = [g for g in self.running if g is not group and g.status is GroupStatus.RUNNING]
+            if not others:
+                return False
+            victim = self._pick(others)
+            self.running.remove(victim)
+            self._preempt(victim, out, swap=False)
+        return True
+
+    def requeue(self, group: SequenceGroup, out: SchedulerOutput) -> None:
+        """Preempt a running group by recompute (its live sequences must hold KV)."""
+        self.running.remove(group)
+        self._preempt(group, out, swap=False)
+
     # -- one step ---------------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
         self.step_index += 1
         out = SchedulerOutput(fork_copies=self.pending_fork_copies)
         self.pending_fork_copies = []
         tokens_left = self.max_num_batched_tokens
-        tokens_left -= self._schedule_running(out)
+        tokens_left -= self._schedule_running(out, tokens_left)
         if out.num_preempted:  # memory is short: grow what runs, bring nothing in
             return out
         self._schedule_swapped(out)
@@ -109,12 +141,17 @@ class Scheduler:
             self._admit_waiting(out, tokens_left)
         return out
 
-    def _schedule_running(self, out: SchedulerOutput) -> int:
+    def _schedule_running(self, out: SchedulerOutput, tokens_left: int) -> int:
         queue = deque(self.running)
         kept: list[SequenceGroup] = []
+        prefilling: list[SequenceGroup] = []
         num_tokens = 0
         while queue:
             group = queue.popleft()
+            if group.prefilling:  # its slots are allocated; it gets a chunk of what the decodes leave
+                kept.append(group)
+                prefilling.append(group)
+                continue
             ids = group.seq_ids()
             while not self.bm.can_append(ids):
                 victim = self._pick_victim(queue, group)
@@ -128,14 +165,39 @@ class Scheduler:
                 num_tokens += len(ids)
                 kept.append(group)
         self.running = kept
+        for group in prefilling:
+            num_tokens += self._schedule_chunk(group, out, tokens_left - num_tokens)
         return num_tokens
+
+    def _schedule_chunk(self, group: SequenceGroup, out: SchedulerOutput, budget: int) -> int:
+        """Schedule the next prefill chunk of a group admitted with more tokens than the budget;
+        returns its tokens. The last step computes every sequence's last token together."""
+        remaining = [len(s.tokens) - s.num_computed for s in group.seqs]
+        if sum(remaining) <= budget or all(r <= 1 for r in remaining):
+            group.prefilling = False  # decodes exceed the budget too, when it is below max_num_seqs
+            out.scheduled.append((group, list(group.seqs)))
+            return sum(remaining)
+        chunk: list[Sequence] = []
+        used = 0
+        for seq, r in zip(group.seqs, remaining):
+            take = min(r - 1, budget - used)
+            if take > 0:
+                out.chunk_end[seq.seq_id] = seq.num_computed + take
+                chunk.append(seq)
+                used += take
+        if chunk:
+            out.scheduled.append((group, chunk))
+        return used
 
     def _schedule_swapped(self, out: SchedulerOutput) -> None:
         num_seqs = sum(len(g.seqs) for g in self.running)
         while self.swapped:
             group = self.swapped[0]
             ids = group.seq_ids()
-            if num_seqs + len(ids) > self.max_num_seqs or not self.bm.can_swap_in(ids):
+            # the watermark keeps room for running groups to grow; with none running it would only
+            # keep a group that once filled the cache from ever coming back
+            room = self.bm.can_swap_in(ids) if self.running else self.bm.can_swap_in(ids, watermark=0)
+            if num_seqs + len(ids) > self.max_num_seqs or not room:
                 break
             self.swapped.popleft()
             out.swap_in += self.bm.swap_in(ids)
@@ -143,6 +205,8 @@ class Scheduler:
             group.last_resident_step = self.step_index
             self.running.append(group)
             num_seqs += len(ids)
+            if group.prefilling:  # its chunks go on from the next step
+                continue
             if self.bm.can_append(ids):  # else it grows next step (and may be preempted then)
                 out.block_copies += self.bm.append_slots(ids, [s.tokens[-1] for s in group.seqs])
                 out.scheduled.append((group, list(group.seqs)))
@@ -155,7 +219,9 @@ class Scheduler:
             if reason is None:
                 group_seqs = max(len(group.seqs), group.sampling.num_seqs)
                 new_tokens = sum(len(s.tokens) for s in group.seqs)
-                if num_seqs + group_seqs > self.max_num_seqs or new_tokens > tokens_left:
+                chunked = new_tokens > self.max_num_batched_tokens  # recomputed: prefilled in chunks
+                if num_seqs + group_seqs > self.max_num_seqs or tokens_left <= 0 or (
+                        new_tokens > tokens_left and not chunked):
                     break
                 status = self._allocate(group, out)
                 if status is AllocStatus.LATER and (self.running or self.swapped):
@@ -163,7 +229,12 @@ class Scheduler:
                 if status is AllocStatus.OK:
                     self.waiting.popleft()
                     num_seqs += len(group.seqs)
-                    tokens_left -= new_tokens
+                    if chunked:
+                        group.prefilling = True
+                        tokens_left -= self._schedule_chunk(group, out, tokens_left)
+                    else:
+                        out.scheduled.append((group, [s for s in group.seqs if s.ready]))
+                        tokens_left -= new_tokens
                     continue
                 reason = (
                     f"needs more KV blocks than the cache can give it ({self.bm.num_blocks} blocks, "
@@ -176,9 +247,13 @@ class Scheduler:
 
     def _never_fits(self, group: SequenceGroup) -> str | None:
         req = group.request
+        num_seqs = req.sampling.num_seqs
+        if num_seqs > self.max_num_seqs:
+            what = "beam_width" if req.sampling.beam_width > 1 else "n"
+            return f"needs {num_seqs} sequences ({what}={num_seqs}) but max_num_seqs={self.max_num_seqs}"
         if self.max_model_len is not None and req.final_len > self.max_model_len:
             return f"prompt + max_tokens = {req.final_len} exceeds max_model_len={self.max_model_len}"
-        if req.prompt_len > self.max_num_batched_tokens:
+        if req.prompt_len > self.max_num_batched_tokens and group.seqs[0].output_len == 0:
             return f"prompt of {req.prompt_len} tokens exceeds max_num_batched_tokens={self.max_num_batched_tokens}"
         return None
 
@@ -193,7 +268,7 @@ class Scheduler:
             status = self.bm.can_allocate(seq.tokens, final_len, num_seqs=1 + fork_count)
             if status is not AllocStatus.OK:
                 for s in done:  # all or nothing
-                    self.bm.free(s.seq_id)
+                    self.free_seq(s)
                     s.num_computed = 0
                 return status
             seq.num_computed = self.bm.allocate(seq.seq_id, seq.tokens, final_len)
@@ -208,26 +283,27 @@ class Scheduler:
         group.status = GroupStatus.RUNNING
         group.last_resident_step = self.step_index
         self.running.append(group)
-        out.scheduled.append((group, [s for s in group.seqs if s.ready]))
         return AllocStatus.OK
 
     # -- preemption -------------------------------------------------------------------------------
     def _pick_victim(self, unscheduled: deque[SequenceGroup], current: SequenceGroup) -> SequenceGroup:
-        candidates = [*unscheduled, current]
+        return self._pick([*unscheduled, current])
+
+    def _pick(self, candidates: list[SequenceGroup]) -> SequenceGroup:
         if self.victim == "newest":
             return max(candidates, key=lambda g: g.arrival_time)
         if self.victim == "lru":
             return min(candidates, key=lambda g: g.last_resident_step)
         return max(candidates, key=lambda g: sum(self.bm.num_tokens(i) for i in g.seq_ids()))
 
-    def _preempt(self, group: SequenceGroup, out: SchedulerOutput) -> None:
+    def _preempt(self, group: SequenceGroup, out: SchedulerOutput, swap: bool = True) -> None:
         out.num_preempted += 1
         group.num_preemptions += 1
         ids = group.seq_ids()
         # Like vLLM, a group of several live sequences is swapped even under recompute when the host
         # has room: recomputing re-prefills each sequence on its own, losing the sharing that let the
         # group fit at all.
-        if self.eviction_mode == "swap" or len(ids) > 1:
+        if swap and (self.eviction_mode == "swap" or len(ids) > 1):
             if self.bm.can_swap_out(ids):
                 out.swap_out += self.bm.swap_out(ids)
                 group.status = GroupStatus.SWAPPED
@@ -237,5 +313,6 @@ class Scheduler:
         for seq in group.seqs:
             self.free_seq(seq)
             seq.num_computed = 0
+        group.prefilling = False
         group.status = GroupStatus.WAITING
         self.waiting.appendleft(group)

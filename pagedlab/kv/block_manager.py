@@ -332,6 +332,15 @@ class BlockManager:
             return self._pool.available() >= num_children * len(table)
         return self._runs.fits([self._res_len[parent_id]] * num_children)
 
+    def can_fork_many(self, parent_ids: Sequence[int]) -> bool:
+        """Whether one child of each entry of ``parent_ids`` (repeats allowed) fits now, all together."""
+        if self.cow or not parent_ids:
+            return True
+        tables = [self._table(p) for p in parent_ids]
+        if self._paged:
+            return self._pool.available() >= sum(map(len, tables))
+        return self._runs.fits([self._res_len[p] for p in parent_ids])
+
     def fork(self, parent_id: int, child_id: int) -> list[tuple[int, int]]:
         """Child gets the parent's tokens: shared (paged+cow, returns []) or copied (src, dst)."""
         ptable = self._table(parent_id)
@@ -620,10 +629,10 @@ class BlockManager:
             return f"swap-in needs contiguous runs of {sizes} blocks; largest free run is {runs.largest()}"
         return None
 
-    def can_swap_in(self, seq_ids: Sequence[int]) -> bool:
-        """Whether ``seq_ids`` can come back now, keeping ``watermark_blocks`` free."""
+    def can_swap_in(self, seq_ids: Sequence[int], watermark: int | None = None) -> bool:
+        """Whether ``seq_ids`` can come back now, keeping ``watermark`` (default ``watermark_blocks``) free."""
         self._check_batch(seq_ids, swapped=True)
-        return self._swap_in_problem(seq_ids, self.watermark_blocks) is None
+        return self._swap_in_problem(seq_ids, self.watermark_blocks if watermark is None else watermark) is None
 
     def swap_in(self, seq_ids: Sequence[int]) -> list[tuple[int, int]]:
         """Bring ``seq_ids`` back to device blocks; returns (host, device) copies, sharing kept."""

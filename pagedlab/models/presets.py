@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 GIB = 1024**3
@@ -145,3 +147,35 @@ def spec_from_hf_config(hf_config: Any, name: str, dtype: str = "float16") -> Mo
         tied_embeddings=bool(getattr(c, "tie_word_embeddings", False)),
         max_position_embeddings=getattr(c, "max_position_embeddings", 2048),
     )
+
+
+def hf_config_file(name_or_path: str) -> Path | None:
+    """The ``config.json`` of a local checkpoint folder or of a hub id already in the local HF cache,
+    else None. Never touches the network."""
+    local = Path(name_or_path).expanduser()
+    if (local / "config.json").is_file():
+        return local / "config.json"
+    if local.exists() or name_or_path.startswith((".", "/", "~")):
+        return None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(name_or_path, "config.json")
+    except Exception:  # noqa: BLE001 - an invalid repo id is simply not cached
+        return None
+    return Path(found) if isinstance(found, str) else None
+
+
+@lru_cache(maxsize=64)
+def spec_from_hf_path(name_or_path: str, dtype: str | None = "auto") -> ModelSpec:
+    """A ModelSpec from a checkpoint's ``config.json`` (local folder or cached hub id; no weights, no
+    network). ``dtype`` "auto" takes the checkpoint's dtype, float32 when it names none (as loading does)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(name_or_path, local_files_only=True)
+    if dtype in (None, "auto"):
+        dtype = str(getattr(config, "dtype", None) or "float32").removeprefix("torch.")
+        dtype = dtype if dtype in DTYPE_BYTES else "float32"
+    elif dtype not in DTYPE_BYTES:
+        raise ValueError(f"model.dtype={dtype!r} is not allowed; allowed: auto, {', '.join(DTYPE_BYTES)}")
+    return spec_from_hf_config(config.get_text_config(), name_or_path, dtype)

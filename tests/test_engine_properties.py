@@ -1,0 +1,133 @@
+"""Property test: every simulated run ends, its counts add up, and memory stays consistent.
+
+Hypothesis draws valid configurations across every part that changes scheduling and memory
+(allocator, block size, cow, prefix cache, recompute or swap down to no swap space, every victim,
+tiny `max_num_seqs` and token budgets, greedy / parallel / beam groups, shared prefixes, tiny KV
+budgets) and runs the simulator on a few short requests. Each run must end within a step bound,
+`num_finished + num_rejected == num_requests`, every finished request has all its sequences, and
+the block manager's invariants hold after every step.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from omegaconf import OmegaConf
+
+from pagedlab.experiment import build
+
+KV_BYTES_PER_TOKEN = 2 * 32 * 4096 * 2  # llama_7b, float16
+
+
+@st.composite
+def configs(draw: Any) -> dict[str, Any]:
+    """A valid configuration; choices come from a Hypothesis-seeded RNG, so they are uniform
+    (Hypothesis alone favours edge values, which here means rejected requests, not pressure)."""
+    rnd = draw(st.randoms(use_true_random=True))
+    allocator = rnd.choice(["paged", "paged", "contiguous_max", "contiguous_pow2", "contiguous_oracle"])
+    mode = rnd.choice(["greedy", "parallel", "beam"])
+    width = rnd.randint(2, 6) if mode != "greedy" else 1
+    block_size = rnd.choice([1, 2, 3, 4, 8, 16, 32, 64])
+    num_requests = rnd.randint(1, 8)
+    shared_prefix = rnd.choice([0, 0, block_size, 2 * block_size])
+    prompt_hi, output_hi = rnd.randint(1, 48), rnd.randint(1, 48)
+    final = shared_prefix + prompt_hi + output_hi
+    max_model_len = final + rnd.randint(0, 16)
+    reserve = {"paged": final, "contiguous_oracle": final, "contiguous_max": max_model_len,
+               "contiguous_pow2": 1 << (final - 1).bit_length()}[allocator]
+    one_request = width * -(-reserve // block_size)
+    # a cache from under one request's worst case (sharing may still fit it; else it is rejected)
+    # to half of everything at once: memory pressure, preemption and swapping in most draws
+    num_blocks = max(1, int(one_request * (0.8 + rnd.random() ** 2 * num_requests / 2)))
+    # mostly limits that admit every request; one draw in six rejects some or forces chunks
+    tight = rnd.random() < 1 / 6
+    max_num_seqs = rnd.choice([1, 2] if tight else [width, 2 * width, 4 * width, 256])
+    max_num_batched_tokens = rnd.choice([1, 3, max(1, prompt_hi // 2)] if tight else
+                                        [shared_prefix + prompt_hi, shared_prefix + prompt_hi + 16, 8192])
+    swap_blocks = rnd.choice([0, 1, 4, 16, 100_000])
+    return {
+        "executor": {"name": "sim"},
+        "model": {"name": "llama_7b", "dtype": "auto"},
+        "hardware": {"name": "a100_80gb"},
+        "allocator": {"name": allocator, "order": rnd.choice(["lifo", "fifo"])},
+        "eviction": {"mode": rnd.choice(["recompute", "swap"]), "victim": rnd.choice(["newest", "lru", "largest"])},
+        "block_size": block_size,
+        "cow": rnd.random() < 0.5,
+        "prefix_cache": allocator == "paged" and rnd.random() < 0.5,
+        "seed": rnd.randint(0, 3),
+        "max_num_seqs": max_num_seqs,
+        "max_num_batched_tokens": max_num_batched_tokens,
+        "max_model_len": max_model_len,
+        "kv_cache": {"num_blocks": num_blocks, "watermark": rnd.choice([0.0, 0.01, 0.1]),
+                     "swap_gib": swap_blocks * block_size * KV_BYTES_PER_TOKEN / 2**30},
+        "workload": {"name": rnd.choice(["uniform", "fixed"]), "num_requests": num_requests,
+                     "request_rate": rnd.choice([None, 50.0]), "seed": None,
+                     "prompt_len": [max(1, prompt_hi // 2), prompt_hi],
+                     "output_len": [max(1, output_hi // 2), output_hi],
+                     "shared_prefix_len": shared_prefix,
+                     "n": width if mode == "parallel" else None,
+                     "beam_width": width if mode == "beam" else None},
+        "sampling": {"temperature": 1.0 if mode == "parallel" else 0.0, "top_p": 1.0, "top_k": 0, "n": 1,
+                     "beam_width": 1, "max_tokens": 64, "ignore_eos": True, "seed": None},
+    }
+
+
+def step_bound(requests: list[Any], max_num_batched_tokens: int) -> int:
+    """Generous: every token of every sequence recomputed many times, in chunks of the budget."""
+    total = sum((r.prompt_len + r.sampling.max_tokens) * r.sampling.num_seqs for r in requests)
+    return 50 * total // max(1, min(max_num_batched_tokens, 8)) + 500
+
+
+@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(configs())
+def test_every_simulated_run_ends_and_adds_up(raw: dict[str, Any]) -> None:
+    cfg = OmegaConf.create(raw)
+    built = build(cfg)
+    engine, requests = built.engine, built.requests
+    bound = step_bound(requests, cfg.max_num_batched_tokens)
+
+    def on_step(row: dict[str, Any]) -> None:
+        engine.bm.check_invariants()
+        assert row["step"] <= bound, f"run did not end within {bound} steps"
+
+    result = engine.run(requests, on_step=on_step)
+    s = result.summary
+    assert s["num_finished"] + s["num_rejected"] == len(requests) == s["num_requests"]
+    assert not engine.scheduler.has_unfinished()
+    assert engine.bm.seq_ids() == [], "sequences left holding KV after the run"
+    df = result.requests
+    for rid, rows in df.groupby("request_id"):
+        status = set(rows["status"])
+        assert len(status) == 1, f"request {rid} has mixed statuses {status}"
+        if status == {"finished"}:
+            req = next(r for r in requests if str(r.request_id) == str(rid))
+            expect = req.sampling.n if req.sampling.beam_width == 1 else None
+            if expect is not None:
+                assert len(rows) == expect, f"request {rid}: {len(rows)} sequences, expected {expect}"
+            assert (rows["output_len"] >= 1).all()
+            assert (rows["output_len"] <= req.sampling.max_tokens).all()
+        else:
+            assert rows["finish_reason"].notna().all()
+
+
+@pytest.mark.parametrize("overrides", [
+    {"max_num_seqs": 1, "workload": {"n": 4}},
+    {"max_num_seqs": 2, "workload": {"beam_width": 4}},
+])
+def test_groups_larger_than_max_num_seqs_are_rejected_not_spun(overrides: dict[str, Any]) -> None:
+    base = {
+        "executor": {"name": "sim"}, "model": {"name": "llama_7b"}, "hardware": {"name": "a100_80gb"},
+        "allocator": {"name": "paged"}, "eviction": {"mode": "recompute", "victim": "newest"},
+        "block_size": 16, "cow": True, "prefix_cache": False, "seed": 0, "max_num_seqs": 256,
+        "max_num_batched_tokens": 8192, "max_model_len": 256, "kv_cache": {"num_blocks": 64},
+        "workload": {"name": "uniform", "num_requests": 4, "prompt_len": [4, 8], "output_len": [4, 8]},
+        "sampling": {"temperature": 1.0},
+    }
+    cfg = OmegaConf.merge(OmegaConf.create(base), OmegaConf.create(overrides))
+    built = build(cfg)
+    result = built.engine.run(built.requests)
+    assert result.summary["num_rejected"] == 4 and result.summary["num_finished"] == 0
+    assert result.requests["finish_reason"].str.contains("max_num_seqs").all()
