@@ -307,13 +307,15 @@ def _is_set(node: DictConfig, key: str) -> bool:
     return not OmegaConf.is_missing(node, key) and node[key] is not None
 
 
+def _effective(cfg: DictConfig, name: str) -> tuple[str, Any]:
+    """(key, value) of sampling field ``name`` as requests get it: workload.<name> overrides sampling.<name>."""
+    w = cfg.workload.get(name)
+    return (f"workload.{name}", w) if w is not None else (f"sampling.{name}", cfg.sampling.get(name))
+
+
 def _sampling_problems(cfg: DictConfig) -> list[str]:
     """n > 1 together with beam_width > 1 (workload.n / workload.beam_width override sampling's)."""
-    def effective(name: str) -> tuple[str, Any]:
-        w = cfg.workload.get(name)
-        return (f"workload.{name}", w) if w is not None else (f"sampling.{name}", cfg.sampling.get(name))
-
-    (nk, n), (bk, b) = effective("n"), effective("beam_width")
+    (nk, n), (bk, b) = _effective(cfg, "n"), _effective(cfg, "beam_width")
     if isinstance(n, int) and isinstance(b, int) and n > 1 and b > 1:
         return [(f"{nk}={n} with {bk}={b} is not allowed: parallel sampling and beam search do not combine; "
                  f"choose one ({nk}=1 or {bk}=1)")]
@@ -350,7 +352,7 @@ def check_plan(cfg: DictConfig) -> None:
     (preset or the checkpoint's config.json), the hardware, the KV budget, the device, the kernel and
     the workload's requests. Raises ConfigError listing every problem; loads no weights, uses no network."""
     validate(cfg)
-    errors: list[str] = []
+    errors: list[str] = _parallel_seq_problems(cfg)
     spec = _model_problems(cfg, errors)
     executor = cfg.executor.name
     if spec is not None and executor == "sim":
@@ -362,6 +364,21 @@ def check_plan(cfg: DictConfig) -> None:
     if spec is not None and cfg.workload.name == "trace":
         _trace_problems(cfg, spec, errors)
     _raise(errors)
+
+
+def _parallel_seq_problems(cfg: DictConfig) -> list[str]:
+    """A synthetic request's sequences (max(n, beam_width)) must fit in max_num_seqs. Traces are
+    skipped: their rows may set their own n, and the engine rejects such requests with a reason."""
+    if cfg.workload.name == "trace":
+        return []
+    errors = []
+    for name in ("n", "beam_width"):
+        key, value = _effective(cfg, name)
+        if isinstance(value, int) and value > cfg.max_num_seqs:
+            errors.append(f"{key}={value} is not allowed with max_num_seqs={cfg.max_num_seqs}: each request runs "
+                          f"{value} sequences at once, so none could ever be scheduled; expected max_num_seqs >= "
+                          f"{value} or a smaller {name}")
+    return errors
 
 
 def _model_problems(cfg: DictConfig, errors: list[str]) -> Any:

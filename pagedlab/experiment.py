@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from inspect import signature
 from typing import Any
 
 from pagedlab.cfg_access import cfg_get as _get
@@ -25,6 +24,7 @@ from pagedlab.executors.sim import SimExecutor
 from pagedlab.kv import BlockManager
 from pagedlab.models.presets import (
     GIB,
+    HardwareSpec,
     ModelSpec,
     hardware_spec,
     model_spec,
@@ -68,8 +68,8 @@ def build_requests(cfg: Any, vocab_size: int, max_model_len: int) -> list[Reques
     if w.name == "trace":
         if not _get(cfg, "workload.path"):
             raise ValueError("workload=trace needs workload.path=<a .jsonl or .csv file>")
-        extra = {"max_model_len": max_model_len} if "max_model_len" in signature(trace_requests).parameters else {}
-        return trace_requests(w.path, seed=seed, vocab_size=vocab_size, defaults=defaults, **extra)
+        return trace_requests(w.path, seed=seed, vocab_size=vocab_size, defaults=defaults,
+                              max_model_len=max_model_len)
     return synthetic_requests(
         w.name, int(w.num_requests), seed=seed, vocab_size=vocab_size, defaults=defaults,
         prompt_len=tuple(_get(cfg, "workload.prompt_len", (16, 128))),
@@ -91,9 +91,14 @@ def model_shapes(cfg: Any) -> ModelSpec:
     return model_spec(name, dtype)
 
 
+def sim_hardware(cfg: Any) -> HardwareSpec:
+    """The ``hardware`` preset the simulator runs on."""
+    return hardware_spec(_get(cfg, "hardware.name", "a100_40gb"))
+
+
 def sim_budget(cfg: Any, spec: ModelSpec) -> tuple[float, str]:
     """The simulator's default KV budget in bytes (hardware memory x utilization - weights) and its name."""
-    hw = hardware_spec(_get(cfg, "hardware.name", "a100_40gb"))
+    hw = sim_hardware(cfg)
     util = float(_get(cfg, "kv_cache.gpu_memory_utilization", 0.9))
     return hw.memory_gib * GIB * util - spec.weight_bytes, f"hardware={hw.name} x kv_cache.gpu_memory_utilization - weights"
 
@@ -121,7 +126,6 @@ def build(cfg: Any) -> Built:
     torch_parts = None
     if executor_name == "sim":
         spec = model_shapes(cfg)
-        hw = hardware_spec(_get(cfg, "hardware.name", "a100_40gb"))
         default_budget, budget_what = sim_budget(cfg, spec)
     elif executor_name == "torch":
         from pagedlab.executors.torch_executor import load_for_engine
@@ -150,7 +154,7 @@ def build(cfg: Any) -> Built:
     )
     seed = int(_get(cfg, "seed", 0))
     if torch_parts is None:
-        executor = SimExecutor(spec, hw, block_size)
+        executor = SimExecutor(spec, sim_hardware(cfg), block_size)
         chooser, eos = SimChooser(spec.vocab_size, seed), None
     else:
         executor = torch_parts.make_executor(int(num_blocks), block_size, num_swap)

@@ -23,15 +23,15 @@ from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import CompactHydraException
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from pagedlab.app.loggers import make_logger
 from pagedlab.app.preflight import cli_overrides, preflight
 from pagedlab.app.results import METRICS
+from pagedlab.app.rundir import RunDirError, claim_run_dir, cli_dir_lock
 from pagedlab.config import GROUPS, VERSION_BASE, ConfigError, config_dir, validate
-from pagedlab.engine.result import MARKER, FileLock, LockHeld, has_results
+from pagedlab.engine.result import MARKER
 
 log = logging.getLogger("pagedlab")
 
@@ -47,35 +47,6 @@ def format_summary(summary: dict[str, Any]) -> str:
     width = max(map(len, keys), default=0)
     return "\n".join(f"  {k:<{width}}  {summary[k]:.4g}" if isinstance(summary[k], float) else
                      f"  {k:<{width}}  {summary[k]}" for k in keys)
-
-
-LOCK = ".pagedlab.lock"
-
-
-class RunDirError(CompactHydraException):
-    """A run dir that cannot be used (holds results, locked, not writable); Hydra prints just this."""
-
-
-def claim_run_dir(run_dir: Path, overwrite: bool) -> FileLock:
-    """Lock run_dir for this process; refuse it if it holds results (unless overwrite: then its
-    marker goes first), if another live run holds it, or if it cannot be written."""
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        lock = FileLock(run_dir / LOCK).acquire()
-    except LockHeld as exc:
-        raise RunDirError(f"pagedlab: {run_dir} is in use by another run (pid {exc.pid}, lock file {exc.path}); "
-                          "wait for it or pick another hydra.run.dir") from None
-    except OSError as exc:
-        raise RunDirError(f"pagedlab: cannot write to {run_dir} ({exc.strerror or exc}); "
-                          "pick another hydra.run.dir") from None
-    if has_results(run_dir):
-        if not overwrite:
-            lock.release()
-            raise RunDirError(f"pagedlab: {run_dir} already holds results ({MARKER} or result files); "
-                              "nothing was run: pass overwrite=true to replace them, or pick another hydra.run.dir")
-        (run_dir / MARKER).unlink(missing_ok=True)
-    (run_dir / "failed.json").unlink(missing_ok=True)
-    return lock
 
 
 def _run_name(hc: Any) -> str:
@@ -138,41 +109,6 @@ def _run_and_save(cfg: DictConfig, run_dir: Path, group: str, name: str, overrid
     finally:
         logger.finish(exit_code=exit_code)
     return result
-
-
-def cli_dir_lock(overrides: list[str], multirun: bool) -> FileLock | None:
-    """Check (and for a single run, lock) the output dir a command line names with
-    ``hydra.run.dir=`` / ``hydra.sweep.dir=`` before Hydra writes anything into it."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    try:
-        parsed = OverridesParser.create().parse_overrides(overrides)
-    except Exception:  # noqa: BLE001 - Hydra reports bad overrides itself
-        return None
-    values = {p.key_or_group: p.value() for p in parsed if not p.is_sweep_override() and not p.is_delete()}
-    overwrite = values.get("overwrite") is True or str(values.get("overwrite")).lower() == "true"
-    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
-    target = values.get(key)
-    if not isinstance(target, str) or "${" in target:
-        return None
-    path = Path(target).absolute()
-    if not multirun:
-        return claim_run_dir(path, overwrite)
-    if overwrite:
-        for old in (*path.rglob(MARKER), *path.rglob("failed.json"), path / "summary.parquet"):
-            old.unlink(missing_ok=True)
-    elif path.is_dir() and ((path / "summary.parquet").exists() or any(path.rglob(MARKER))):
-        raise RunDirError(f"pagedlab: {path} already holds results of a sweep; nothing was run: pass "
-                          "overwrite=true to replace them, or pick another hydra.sweep.dir")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        FileLock(path / LOCK).acquire().release()  # writable?
-    except LockHeld:
-        pass
-    except OSError as exc:
-        raise RunDirError(f"pagedlab: cannot write to {path} ({exc.strerror or exc}); "
-                          "pick another hydra.sweep.dir") from None
-    return None
 
 
 _hydra_task = hydra.main(config_path=str(config_dir()), config_name="config", version_base=VERSION_BASE)(task)

@@ -4,8 +4,10 @@ Hypothesis draws valid configurations across every part that changes scheduling 
 (allocator, block size, cow, prefix cache, recompute or swap down to no swap space, every victim,
 tiny `max_num_seqs` and token budgets, greedy / parallel / beam groups, shared prefixes, tiny KV
 budgets) and runs the simulator on a few short requests. Each run must end within a step bound,
-`num_finished + num_rejected == num_requests`, every finished request has all its sequences, and
-the block manager's invariants hold after every step.
+`num_finished + num_rejected == num_requests`, every finished request has all its sequences, the
+block manager's invariants hold after every step, and nothing is mixed: a shadow KV cache replays
+every copy, swap and write the executor is asked for, and each scheduled sequence must read back
+its own tokens at their positions.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from omegaconf import OmegaConf
 
+from pagedlab.engine.request import SamplingParams
 from pagedlab.experiment import build
 
 KV_BYTES_PER_TOKEN = 2 * 32 * 4096 * 2  # llama_7b, float16
@@ -48,7 +51,9 @@ def configs(draw: Any) -> dict[str, Any]:
     max_num_batched_tokens = rnd.choice([1, 3, max(1, prompt_hi // 2)] if tight else
                                         [shared_prefix + prompt_hi, shared_prefix + prompt_hi + 16, 8192])
     swap_blocks = rnd.choice([0, 1, 4, 16, 100_000])
+    mixed = rnd.random() < 0.25  # greedy, parallel and beam requests in one run
     return {
+        "_mixed_seed": rnd.randint(0, 2**31) if mixed else None,
         "executor": {"name": "sim"},
         "model": {"name": "llama_7b", "dtype": "auto"},
         "hardware": {"name": "a100_80gb"},
@@ -81,12 +86,74 @@ def step_bound(requests: list[Any], max_num_batched_tokens: int) -> int:
     return 50 * total // max(1, min(max_num_batched_tokens, 8)) + 500
 
 
+class ShadowKV:
+    """Replays what the executor is asked to do on a dict of (token, position) per slot: copies and
+    swaps, then the step's KV writes (all of them before attention, as the executors do), then
+    checks that every scheduled sequence's context holds its own tokens."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine, self.bs = engine, engine.block_size
+        self.dev: dict[int, tuple[int, int]] = {}
+        self.host: dict[int, tuple[int, int]] = {}
+        self.seqs: dict[int, Any] = {}
+        schedule, execute = engine.scheduler.schedule, engine.executor.execute
+
+        def scheduled() -> Any:
+            out = schedule()
+            self.seqs = {s.seq_id: s for _, seqs in out.scheduled for s in seqs}
+            return out
+
+        def executed(step: Any) -> Any:
+            self.replay(step)
+            return execute(step)
+
+        engine.scheduler.schedule, engine.executor.execute = scheduled, executed
+
+    def copy(self, pairs: list[tuple[int, int]], src: dict, dst: dict) -> None:
+        assert len({d for _, d in pairs}) == len(pairs), f"two copies into one block: {pairs}"
+        bs = self.bs
+        rows = [[src.get(s * bs + o) for o in range(bs)] for s, _ in pairs]  # all reads before writes
+        for (_, d), row in zip(pairs, rows):
+            for o, v in enumerate(row):
+                dst[d * bs + o] = v
+
+    def replay(self, step: Any) -> None:
+        self.copy(step.fork_copies, self.dev, self.dev)
+        self.copy(step.swap_out, self.dev, self.host)
+        self.copy(step.swap_in, self.host, self.dev)
+        self.copy(step.block_copies, self.dev, self.dev)
+        mi, bs = step.model_input, self.bs
+        for t, p, slot in zip(mi.input_ids, mi.positions, mi.slot_mapping):  # written before attention reads
+            self.dev[slot] = (t, p)
+        for sid, c, table in zip(mi.seq_ids, mi.context_lens, mi.block_tables):
+            tokens = self.seqs[sid].tokens
+            for p in range(c):
+                got = self.dev.get(table[p // bs] * bs + p % bs)
+                assert got == (tokens[p], p), f"sequence {sid} reads {got} at position {p}, not its own token"
+
+
+def mix_kinds(requests: list[Any], seed: int) -> None:
+    """Give each request its own kind: greedy, parallel n (2-4) or beam (2-4)."""
+    import random
+
+    rnd = random.Random(seed)
+    for r in requests:
+        kind = rnd.choice(["greedy", "parallel", "beam"])
+        r.sampling = SamplingParams(max_tokens=r.sampling.max_tokens, temperature=1.0 if kind == "parallel" else 0.0,
+                                    n=rnd.randint(2, 4) if kind == "parallel" else 1,
+                                    beam_width=rnd.randint(2, 4) if kind == "beam" else 1)
+
+
 @settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(configs())
-def test_every_simulated_run_ends_and_adds_up(raw: dict[str, Any]) -> None:
+def test_every_simulated_run_ends_adds_up_and_mixes_nothing(raw: dict[str, Any]) -> None:
+    mixed_seed = raw.pop("_mixed_seed")
     cfg = OmegaConf.create(raw)
     built = build(cfg)
     engine, requests = built.engine, built.requests
+    if mixed_seed is not None:
+        mix_kinds(requests, mixed_seed)
+    ShadowKV(engine)
     bound = step_bound(requests, cfg.max_num_batched_tokens)
 
     def on_step(row: dict[str, Any]) -> None:
@@ -98,6 +165,7 @@ def test_every_simulated_run_ends_and_adds_up(raw: dict[str, Any]) -> None:
     assert s["num_finished"] + s["num_rejected"] == len(requests) == s["num_requests"]
     assert not engine.scheduler.has_unfinished()
     assert engine.bm.seq_ids() == [], "sequences left holding KV after the run"
+    assert engine.recorder._tails == {}, "tails of freed sequences left open"
     df = result.requests
     for rid, rows in df.groupby("request_id"):
         status = set(rows["status"])

@@ -17,6 +17,7 @@ import pandas as pd
 import pytest
 
 from pagedlab.app.results import load_results
+from pagedlab.app.rundir import FileLock
 
 TINY = ["executor=sim", "logger=none", "workload.num_requests=4", "model=llama_7b"]
 
@@ -90,13 +91,16 @@ def test_a_refused_rerun_hydra_got_to_first_is_not_counted_under_new_labels(tmp_
 def test_a_lock_held_by_a_live_process_refuses_and_a_stale_one_is_taken_over(tmp_path: Path) -> None:
     run = tmp_path / "run"
     run.mkdir()
-    (run / ".pagedlab.lock").write_text(f"{os.getpid()}\n")
-    proc = cli(tmp_path, *TINY, "hydra.run.dir=run")
+    lock = FileLock(run / ".pagedlab.lock").acquire()  # held by this (live) process
+    try:
+        proc = cli(tmp_path, *TINY, "hydra.run.dir=run")
+    finally:
+        lock.release()
     assert proc.returncode == 2 and f"in use by another run (pid {os.getpid()}" in proc.stderr and str(run) in proc.stderr
     assert not (run / ".hydra").exists()
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True, check=False)
-    (run / ".pagedlab.lock").write_text(dead.stdout)
+    (run / ".pagedlab.lock").write_text(dead.stdout)  # left by a run that died: no flock on it
     assert cli(tmp_path, *TINY, "hydra.run.dir=run").returncode == 0
     assert (run / "finished.json").is_file() and not (run / ".pagedlab.lock").exists()
 

@@ -32,7 +32,9 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
                 num_key_value_heads=2, vocab_size=500, max_position_embeddings=512).save_pretrained(root / "ckpt")
     (root / "empty").mkdir()
     (root / "bad.jsonl").write_text('{"prompt_len": 8}\n{"prompt_len": "many"}\n')
-    return {"ckpt": str(root / "ckpt"), "empty": str(root / "empty"), "bad_trace": str(root / "bad.jsonl")}
+    (root / "good.jsonl").write_text('{"prompt_len": 8}\n{"prompt_len": 12}\n')
+    return {"ckpt": str(root / "ckpt"), "empty": str(root / "empty"), "bad_trace": str(root / "bad.jsonl"),
+            "good_trace": str(root / "good.jsonl")}
 
 
 def cli(tmp: Path, *args: str) -> subprocess.CompletedProcess:
@@ -53,6 +55,13 @@ REFUSED = {
                          ["kv_cache.budget_gib=1e-09", "max_model_len=2048", "needs 128 blocks", "kv_cache.num_blocks >= 128"]),
     "contiguous-reserves-per-sequence": (["allocator=contiguous_max", "sampling=parallel", "kv_cache.num_blocks=200"],
                                          ["kv_cache.num_blocks=200", "x 4 sequences", "needs 512 blocks"]),
+    "n-beyond-max-num-seqs": (["max_num_seqs=1", "sampling=parallel"],
+                              ["sampling.n=4 is not allowed with max_num_seqs=1",
+                               "each request runs 4 sequences at once, so none could ever be scheduled",
+                               "expected max_num_seqs >= 4 or a smaller n"]),
+    "workload-beam-beyond-max-num-seqs": (["max_num_seqs=2", "workload.beam_width=3"],
+                                          ["workload.beam_width=3 is not allowed with max_num_seqs=2",
+                                           "max_num_seqs >= 3 or a smaller beam_width"]),
     "model-too-big": (["model=opt_175b"], ["model=opt_175b", "hardware=a100_40gb", "325.2 GiB", "36.0 GiB"]),
     "no-cuda-device": (["executor=torch", "device=cuda:7"], ["device=cuda:7", "expected"]),
     "preset-without-weights": (["executor=torch", "model=llama_7b"], ["model=llama_7b", "model.name_or_path"]),
@@ -121,6 +130,10 @@ def test_preflight_accepts_good_plans(files: dict[str, str]) -> None:
     assert preflight([*TINY, "block_size=8,16", "allocator=paged,contiguous_max"], True) is None
     assert preflight(["+experiment=memory_waste_breakdown"], True) is None
     assert preflight([*TINY, "model=hf", f"model.name_or_path={files['ckpt']}", "max_model_len=512"], False) is None
+    assert preflight([*TINY, "max_num_seqs=4", "sampling=parallel"], False) is None
+    # a trace's rows may set their own n: the engine rejects what does not fit, with a reason, at run time
+    assert preflight([*TINY, "workload=trace", f"workload.path={files['good_trace']}", "max_num_seqs=1",
+                      "sampling=parallel"], False) is None
 
 
 def test_preflight_of_many_points_is_fast() -> None:

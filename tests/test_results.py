@@ -162,9 +162,12 @@ def test_a_save_failing_part_way_leaves_no_marker_and_no_temp_files(tmp_path: Pa
 def test_a_broken_or_mismatched_run_is_skipped_with_a_warning(tmp_path: Path, damage, why: str) -> None:
     good, bad = _fake_job(tmp_path, 0, "paged", 0.1), _fake_job(tmp_path, 1, "paged", 0.2)
     damage(bad)
-    with pytest.warns(RuntimeWarning, match=f"skipping {bad}: {why}"):
+    with pytest.warns(RuntimeWarning, match=f"skipping {bad}: {why}") as caught:
         df = load_results(tmp_path)
     assert df["run_dir"].tolist() == [str(good)] and df["status"].tolist() == ["finished"]
+    with pytest.warns(RuntimeWarning, match=f"skipping {bad}") as caught_list:
+        load_results([good, bad])
+    assert {w.filename for w in [*caught, *caught_list]} == {__file__}  # points at the user's call
 
 
 def test_summarize_sweep_lists_failed_jobs_with_status_and_error(tmp_path: Path) -> None:

@@ -275,6 +275,32 @@ def test_a_hanging_init_times_out_and_warns(cfg, tmp_path: Path, monkeypatch) ->
     release.set()
 
 
+
+def test_a_late_init_is_finished_by_the_thread_or_returned_never_both() -> None:
+    import threading
+    import time
+
+    def settle(runs: list, returned: list) -> None:
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and any(r.finished is None and r not in returned for r in runs):
+            time.sleep(0.01)
+
+    release, late = threading.Event(), FakeRun()
+    with pytest.raises(TimeoutError):
+        loggers.call_with_timeout(lambda: release.wait(30) and late, 0.05)
+    release.set()
+    settle([late], [])
+    assert late.finished == 1
+    runs, returned = [FakeRun() for _ in range(40)], []  # returns right around the deadline
+    for run in runs:
+        try:
+            returned.append(loggers.call_with_timeout(lambda run=run: time.sleep(0.005) or run, 0.005))
+        except TimeoutError:
+            pass
+    settle(runs, returned)
+    for run in runs:
+        assert (run in returned) != (run.finished == 1)
+
 HANG = """
 import sys, time, wandb
 wandb.init = lambda **kw: time.sleep(3600)

@@ -32,7 +32,8 @@ from pagedlab.app.results import (
     read_run,
     with_status,
 )
-from pagedlab.engine.result import FileLock, atomic_write, check_run, stored_config
+from pagedlab.app.rundir import FileLock
+from pagedlab.engine.result import atomic_write, check_run, stored_config
 
 log = logging.getLogger(__name__)
 FAILED = "failed.json"

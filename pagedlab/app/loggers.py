@@ -98,28 +98,33 @@ def init_timeout() -> float:
 
 def call_with_timeout(fn: Any, timeout: float, **kwargs: Any) -> Any:
     """fn(**kwargs) in a daemon thread; TimeoutError if it has not returned after timeout seconds (the
-    thread is abandoned and cannot block exit; a run it starts late is finished there)."""
+    thread is abandoned and cannot block exit). The hand-off is decided under a lock, so a result is
+    either returned to the caller or, if it comes late, finished by the thread: never both, never neither."""
     box: dict[str, Any] = {}
-    abandoned = threading.Event()
+    lock = threading.Lock()
 
     def target() -> None:
         try:
-            box["value"] = fn(**kwargs)
+            value, error = fn(**kwargs), None
         except BaseException as exc:  # noqa: BLE001 - handed to the caller
-            box["error"] = exc
-        if abandoned.is_set() and hasattr(box.get("value"), "finish"):
+            value, error = None, exc
+        with lock:
+            box.update(done=True, value=value, error=error)
+            late = box.get("abandoned", False)
+        if late and hasattr(value, "finish"):
             try:
-                box["value"].finish(exit_code=1)
+                value.finish(exit_code=1)
             except Exception:  # noqa: BLE001, S110 - nobody is left to tell
                 pass
 
     thread = threading.Thread(target=target, name="pagedlab-wandb-init", daemon=True)
     thread.start()
     thread.join(timeout)
-    if thread.is_alive():
-        abandoned.set()
-        raise TimeoutError(f"wandb.init did not return within {timeout:g} s (${INIT_TIMEOUT_ENV})")
-    if "error" in box:
+    with lock:
+        if not box.get("done"):
+            box["abandoned"] = True
+            raise TimeoutError(f"wandb.init did not return within {timeout:g} s (${INIT_TIMEOUT_ENV})")
+    if box["error"] is not None:
         raise box["error"]
     return box["value"]
 

@@ -98,12 +98,16 @@ def read_run(run_dir: str | Path) -> dict[str, Any]:
     return with_status(row, "finished")
 
 
-def find_runs(path: str | Path | Iterable[str | Path], warn: bool = True) -> list[Path]:
+def find_runs(path: str | Path | Iterable[str | Path], warn: bool = True, stacklevel: int = 2) -> list[Path]:
     """Finished run dirs under a run dir, a sweep dir, a glob, or a list of those. A dir with results
     but no valid ``finished.json`` (unfinished, interrupted, failed, rewritten) is skipped, with a
-    warning naming it and why unless ``warn=False``."""
+    warning naming it and why unless ``warn=False``; ``stacklevel`` is the warning's, as for
+    :func:`warnings.warn` (2: the caller of find_runs)."""
     if not isinstance(path, (str, Path)):
-        return sorted({r for p in path for r in find_runs(p, warn)}, key=_run_order)
+        found: set[Path] = set()
+        for p in path:  # a loop, not a comprehension: the stacklevel counts frames
+            found.update(find_runs(p, warn, stacklevel + 1))
+        return sorted(found, key=_run_order)
     hits = [Path(h) for h in glob.glob(str(path), recursive=True)] if any(c in str(path) for c in "*?[") \
         else [Path(path)]
     candidates: set[Path] = set()
@@ -119,7 +123,7 @@ def find_runs(path: str | Path | Iterable[str | Path], warn: bool = True) -> lis
         if problem is None:
             runs.append(d)
         elif warn:
-            warnings.warn(f"pagedlab: skipping {d}: {problem}", RuntimeWarning, stacklevel=2)
+            warnings.warn(f"pagedlab: skipping {d}: {problem}", RuntimeWarning, stacklevel=stacklevel)
     return sorted(runs, key=_run_order)
 
 
@@ -129,7 +133,7 @@ def _run_order(p: Path) -> tuple:
 
 def load_results(path: str | Path | Iterable[str | Path]) -> pd.DataFrame:
     """One DataFrame of runs from a run dir, a sweep dir, a glob (``results/multirun/**``) or a list."""
-    runs = find_runs(path)
+    runs = find_runs(path, stacklevel=3)  # warnings point at the caller of load_results
     if not runs:
         raise FileNotFoundError(f"no finished runs ({MARKER}) found under {path!s}")
     return pd.DataFrame([read_run(r) for r in runs])

@@ -53,6 +53,7 @@ class Engine:
     def add_request(self, request: Request) -> None:
         seq = Sequence(self.scheduler.new_seq_id(), list(request.prompt_token_ids), request.prompt_len)
         self.scheduler.add(SequenceGroup(request, seq))
+        self.num_requests += 1
 
     def run(
         self,
@@ -62,7 +63,6 @@ class Engine:
     ) -> RunResult:
         """Run every request to completion; `progress(n)` is told of each finished request."""
         pending = deque(sorted(requests, key=lambda r: r.arrival_time))
-        self.num_requests += len(pending)
         if pending:
             self.clock = pending[0].arrival_time
         while pending or self.scheduler.has_unfinished():
@@ -71,8 +71,8 @@ class Engine:
             if not self.scheduler.has_unfinished():
                 self.clock = pending[0].arrival_time
                 continue
-            row, finished = self.step()
-            if not row["progress"]:
+            row, finished, progressed = self.step()
+            if not progressed:
                 raise EngineStuck(self._stuck_reason())
             if on_step is not None:
                 on_step(row)
@@ -107,8 +107,9 @@ class Engine:
                 f"max_num_seqs={s.max_num_seqs}, max_num_batched_tokens={s.max_num_batched_tokens}")
 
     # -- one step ---------------------------------------------------------------------------------
-    def step(self) -> tuple[dict[str, Any], int]:
-        """Run one engine step; returns its record and the number of requests it finished."""
+    def step(self) -> tuple[dict[str, Any], int, bool]:
+        """Run one engine step; returns its record, the number of requests it finished, and whether
+        it did anything at all (ran, swapped, copied, preempted or rejected)."""
         t0 = time.perf_counter()
         sched = self.scheduler.schedule()
         finished = 0
@@ -119,7 +120,7 @@ class Engine:
         model_input = self._build_input(sched)
         stats = self.bm.stats()
         row = self._step_row(sched, model_input, stats)
-        tails = self.bm.unfilled_tails()
+        self.recorder.note_tails(self.bm.unfilled_tails())  # before sequences are freed below
         if model_input.num_seqs or sched.swap_out or sched.swap_in or sched.fork_copies:
             out = self.executor.execute(StepInput(
                 model_input, sched.fork_copies, sched.swap_out, sched.swap_in, sched.block_copies))
@@ -135,10 +136,9 @@ class Engine:
         self.clock += step_time
         row["time"], row["step_time"] = self.clock, step_time
         row["num_preempted"] = sched.num_preempted  # forks after the step may have preempted too
-        row = self.recorder.record_step(row, tails)
-        row["progress"] = bool(model_input.num_seqs or sched.swap_out or sched.swap_in or sched.fork_copies
-                               or sched.rejected or sched.num_preempted)
-        return row, finished
+        progressed = bool(model_input.num_seqs or sched.swap_out or sched.swap_in or sched.fork_copies
+                          or sched.rejected or sched.num_preempted)
+        return self.recorder.record_step(row), finished, progressed
 
     def _build_input(self, sched: SchedulerOutput) -> ModelInput:
         bs = self.block_size

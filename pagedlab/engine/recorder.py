@@ -42,12 +42,17 @@ class Recorder:
         # tokens grew by one per step under a fixed capacity
         self._tails: dict[int, list[list[int]]] = {}
 
-    def record_step(self, row: dict[str, Any], tails: list[tuple[int, int, int]]) -> dict[str, Any]:
+    def record_step(self, row: dict[str, Any]) -> dict[str, Any]:
+        """Add the step's row (after :meth:`note_tails` for the same step)."""
         a, t, x = row["allocated_slots"], row["token_slots"], row["external_frag"]
         row["memory_waste"] = (a - t + x) / (a + x) if a + x else 0.0
         row["kv_utilization"] = t / self.capacity
-        i = len(self.rows)
         self.rows.append(tuple(row[c] for c in STEP_COLUMNS))
+        return row
+
+    def note_tails(self, tails: list[tuple[int, int, int]]) -> None:
+        """The step's unfilled tails, (seq id, tokens, capacity), taken before anything is freed."""
+        i = len(self.rows)
         open_tails = self._tails
         for sid, n, cap in tails:
             runs = open_tails.get(sid)
@@ -59,14 +64,13 @@ class Recorder:
                 last[3] += 1
             else:
                 runs.append([i, n, cap, 1])
-        return row
 
     def close_seq(self, seq_id: int, final_slots: int) -> None:
         """A sequence gave its blocks back holding ``final_slots``: charge its tails' reserved slots."""
         runs = self._tails.pop(seq_id, None)
         if not runs:
             return
-        if len(self.reserved) < len(self.rows):
+        if len(self.reserved) <= len(self.rows):  # the current step's row may not be added yet
             self.reserved = np.concatenate([self.reserved, np.zeros(len(self.rows) + 1024, np.int64)])
         for first, n, cap, count in runs:
             filled = n + np.arange(count)

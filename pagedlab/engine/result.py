@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
 import pandas as pd
 
@@ -135,8 +135,8 @@ def stored_config(run_dir: Path) -> tuple[str, dict[str, Any]] | None:
 
 
 def check_run(run_dir: str | Path) -> str | None:
-    """Why run_dir is not a valid finished run (no marker, a file missing or of the wrong size, an
-    unreadable summary, a config that is not the one the marker records), or None if it is."""
+    """Why run_dir is not a valid finished run (no marker, a file missing or of the wrong size or
+    content, an unreadable summary, a config that is not the one the marker records), or None."""
     d = Path(run_dir)
     try:
         marker = json.loads((d / MARKER).read_text())
@@ -150,6 +150,8 @@ def check_run(run_dir: str | Path) -> str | None:
             return f"{name} is missing"
         if p.stat().st_size != info.get("size"):
             return f"{name} is {p.stat().st_size} bytes, {MARKER} says {info.get('size')}"
+        if "sha256" in info and file_sha256(p) != info["sha256"]:
+            return f"{name} does not have the content {MARKER} records (changed after the run)"
     try:
         json.loads((d / "summary.json").read_text())
     except (OSError, ValueError) as exc:
@@ -162,73 +164,3 @@ def check_run(run_dir: str | Path) -> str | None:
     if config_hash(config) != marker.get("config_sha256"):
         return f"{name} is not the config {MARKER} records (rewritten by a later run?)"
     return None
-
-
-class LockHeld(RuntimeError):
-    """A lock file held by another live process."""
-
-    def __init__(self, path: Path, pid: int | None) -> None:
-        super().__init__(f"{path} is held by pid {pid}")
-        self.path, self.pid = path, pid
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def lock_holder(path: Path) -> int | None:
-    """The pid in a lock file (None if absent or unreadable)."""
-    try:
-        return int(path.read_text().strip() or 0) or None
-    except (OSError, ValueError):
-        return None
-
-
-class FileLock:
-    """An exclusive lock file (O_CREAT|O_EXCL) holding the owner's pid. A stale lock (its pid is
-    dead) is taken over; one already held by this process is reused and left for its owner."""
-
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        self.owned = False
-
-    def acquire(self, timeout: float = 0.0) -> FileLock:
-        """Take the lock, waiting up to timeout seconds; raises LockHeld (or OSError: no access)."""
-        import time
-
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                pid = lock_holder(self.path)
-                if pid == os.getpid():
-                    return self
-                if pid is not None and not _alive(pid):
-                    self.path.unlink(missing_ok=True)  # stale: its owner is gone
-                    continue
-                if time.monotonic() >= deadline:
-                    raise LockHeld(self.path, pid) from None
-                time.sleep(0.05)
-                continue
-            with os.fdopen(fd, "w") as f:
-                f.write(f"{os.getpid()}\n")
-            self.owned = True
-            return self
-
-    def release(self) -> None:
-        if self.owned and lock_holder(self.path) == os.getpid():
-            self.path.unlink(missing_ok=True)
-        self.owned = False
-
-    def __enter__(self) -> Self:
-        return self if self.owned else self.acquire()
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()

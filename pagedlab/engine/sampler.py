@@ -118,7 +118,8 @@ class LogitsChooser:
 
         rows = rows[:1] if first else rows
         logprobs = torch.log_softmax(self.logits[rows].float(), dim=-1)
-        cum = torch.tensor([s.cum_logprob for s in group.seqs[: len(rows)]], dtype=logprobs.dtype)
+        cum = torch.tensor([s.cum_logprob for s in group.seqs[: len(rows)]], dtype=logprobs.dtype,
+                           device=logprobs.device)
         scores = (logprobs + cum[:, None]).flatten()
         top = torch.topk(scores, min(2 * k, scores.numel()))
         vocab = logprobs.shape[-1]

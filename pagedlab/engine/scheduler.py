@@ -101,6 +101,10 @@ class Scheduler:
         """Release a sequence's blocks (finished, dropped beam, or preempted by recompute)."""
         if self.on_free is not None:
             self.on_free(seq.seq_id, self.bm.num_tokens(seq.seq_id))
+        if self.pending_fork_copies and not self.bm.is_swapped(seq.seq_id):
+            # copies into a forked child freed in the same step would write blocks handed out again
+            gone = set(self.bm.block_table(seq.seq_id))
+            self.pending_fork_copies = [(s, d) for s, d in self.pending_fork_copies if d not in gone]
         self.bm.free(seq.seq_id)
 
     def fork(self, parent: Sequence) -> Sequence:
@@ -113,6 +117,11 @@ class Scheduler:
         """After a step: whether ``parents`` (one entry per child) can be forked, preempting other
         running groups by recompute while they cannot. False: not even with the group alone."""
         ids = [p.seq_id for p in parents]
+        if self.bm.can_fork_many(ids):
+            return True
+        held = {b for s in group.seqs for b in self.bm.block_table(s.seq_id)}
+        if sum(len(self.bm.block_table(i)) for i in ids) > self.bm.num_blocks - len(held):
+            return False  # not even with every other group gone: do not preempt them for nothing
         while not self.bm.can_fork_many(ids):
             others = [g for g in self.running if g is not group and g.status is GroupStatus.RUNNING]
             if not others:
@@ -299,6 +308,11 @@ class Scheduler:
     def _preempt(self, group: SequenceGroup, out: SchedulerOutput, swap: bool = True) -> None:
         out.num_preempted += 1
         group.num_preemptions += 1
+        unready = [s for s in group.seqs if not s.ready]
+        if unready:  # admitted this step, never sampled: back to one prompt, forked again on admission
+            for seq in unready:
+                self.free_seq(seq)
+            group.seqs = [s for s in group.seqs if s.ready]
         ids = group.seq_ids()
         # Like vLLM, a group of several live sequences is swapped even under recompute when the host
         # has room: recomputing re-prefills each sequence on its own, losing the sharing that let the
