@@ -159,6 +159,13 @@ GREEDY = [
     slow("qwen2", {"workload.n": 3, "cow": False, "kv_cache.num_blocks": 10, "kv_cache.swap_gib": 0},
          (*PREEMPTS, "fork_copies"),
          id="qwen2-n3-copy-recompute"),
+    # recomputed groups of 3 samples outgrow the 48-token budget: re-prefilled in chunks
+    pytest.param("qwen2", {"workload.n": 3, "cow": False, "kv_cache.num_blocks": 10, "kv_cache.swap_gib": 0,
+                           "max_num_batched_tokens": 48}, (*PREEMPTS, "chunked_prefill_tokens"),
+                 id="qwen2-n3-recompute-chunked"),
+    slow("llama", {"workload.n": 3, "cow": True, "block_size": 4, "kv_cache.num_blocks": 30, "kv_cache.swap_gib": 0,
+                   "max_num_batched_tokens": 40}, (*PREEMPTS, "chunked_prefill_tokens"),
+         id="llama-n3-cow-recompute-chunked"),
     slow("llama", {"workload.n": 2, "allocator.name": "contiguous_oracle"}, (), id="llama-n2-oracle"),
     slow("qwen2", {"prefix_cache": True, "block_size": 4, "workload.shared_prefix_len": 24,
                    "workload.prompt_len": [26, 40], "workload.request_rate": 20.0}, (),
@@ -249,6 +256,12 @@ BEAM = {"workload.num_requests": 3, "workload.prompt_len": [4, 24], "workload.ou
     slow("llama", 3, {"prefix_cache": True, "block_size": 4, "workload.shared_prefix_len": 8},
          ("prefix_hit_rate", "cow_copies"), id="llama-3-prefix"),
     slow("llama", 2, {**TRITON, "block_size": 8}, ("cow_copies",), id="llama-2-triton"),
+    # copies at fork under pressure, no host space, a small token budget: beams are preempted and
+    # recomputed, and still return HF's beams
+    pytest.param("llama", 3, {"cow": False, "prefix_cache": True, "block_size": 4, "kv_cache.num_blocks": 28,
+                              "kv_cache.swap_gib": 0, "max_num_batched_tokens": 32, "workload.num_requests": 4,
+                              "workload.shared_prefix_len": 8, "workload.output_len": [10, 20]},
+                 ("fork_copies", *PREEMPTS), id="llama-3-copy-prefix-tight"),
 ])
 def test_beam_search_matches_hf(model_dirs, hf, kind, width, case, expect):
     """The rows of a beam request are HF's `num_return_sequences=num_beams` beams, best first (with no

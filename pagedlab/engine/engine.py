@@ -192,6 +192,7 @@ class Engine:
             "swap_out_blocks": len(sched.swap_out),
             "swap_in_blocks": len(sched.swap_in),
             "recomputed_tokens": sched.recomputed_tokens,
+            "chunked_tokens": sched.chunked_tokens,
             "prefix_hit_tokens": sched.prefix_hit_tokens,
         }
 

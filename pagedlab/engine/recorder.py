@@ -24,7 +24,7 @@ STEP_COLUMNS = [
     "num_waiting", "num_running", "num_swapped", "free_blocks", "used_blocks", "cached_blocks",
     "token_slots", "allocated_slots", "external_frag", "logical_blocks", "memory_waste",
     "kv_utilization", "num_preempted", "block_copies", "fork_copies", "swap_out_blocks",
-    "swap_in_blocks", "recomputed_tokens", "prefix_hit_tokens",
+    "swap_in_blocks", "recomputed_tokens", "chunked_tokens", "prefix_hit_tokens",
 ]
 
 
@@ -172,6 +172,7 @@ def summarize(steps: pd.DataFrame, requests: pd.DataFrame, time_source: str) -> 
         "normalized_latency_mean": float(first_rows["normalized_latency"].mean()) if len(first_rows) else 0.0,
         "num_preemptions": int(steps["num_preempted"].sum()),
         "recomputed_tokens": int(steps["recomputed_tokens"].sum()),
+        "chunked_prefill_tokens": int(steps["chunked_tokens"].sum()),
         "swapped_out_blocks": int(steps["swap_out_blocks"].sum()),
         "swapped_in_blocks": int(steps["swap_in_blocks"].sum()),
         "cow_copies": int(steps["block_copies"].sum()),

@@ -49,6 +49,7 @@ class SchedulerOutput:
     num_preempted: int = 0
     num_swap_fallbacks: int = 0  # swap wanted but host space full: recomputed instead
     recomputed_tokens: int = 0
+    chunked_tokens: int = 0  # prefill tokens scheduled as partial chunks
     prefix_hit_tokens: int = 0
 
     @property
@@ -196,6 +197,7 @@ class Scheduler:
                 used += take
         if chunk:
             out.scheduled.append((group, chunk))
+        out.chunked_tokens += used
         return used
 
     def _schedule_swapped(self, out: SchedulerOutput) -> None:
