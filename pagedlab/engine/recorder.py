@@ -26,6 +26,7 @@ STEP_COLUMNS = [
     "kv_utilization", "num_preempted", "block_copies", "fork_copies", "swap_out_blocks",
     "swap_in_blocks", "recomputed_tokens", "chunked_tokens", "prefix_hit_tokens",
 ]
+FLOAT_COLUMNS = {"time", "step_time", "memory_waste", "kv_utilization"}  # the rest are counts
 
 
 class Recorder:
@@ -35,7 +36,8 @@ class Recorder:
         self.capacity = num_blocks * block_size
         self.block_size = block_size
         self.time_source = time_source
-        self.rows: list[tuple] = []
+        self.num_steps = 0
+        self._table = np.zeros((1024, len(STEP_COLUMNS)))  # one float64 row per step, grown by doubling
         self.groups: list[SequenceGroup] = []
         self.reserved = np.zeros(1024, dtype=np.int64)  # per step, charged when a sequence is freed
         # live sequence -> runs [first step, tokens then, capacity, steps] of steps in which its
@@ -47,12 +49,15 @@ class Recorder:
         a, t, x = row["allocated_slots"], row["token_slots"], row["external_frag"]
         row["memory_waste"] = (a - t + x) / (a + x) if a + x else 0.0
         row["kv_utilization"] = t / self.capacity
-        self.rows.append(tuple(row[c] for c in STEP_COLUMNS))
+        if self.num_steps == len(self._table):
+            self._table = np.concatenate([self._table, np.zeros_like(self._table)])
+        self._table[self.num_steps] = [row[c] for c in STEP_COLUMNS]
+        self.num_steps += 1
         return row
 
     def note_tails(self, tails: list[tuple[int, int, int]]) -> None:
         """The step's unfilled tails, (seq id, tokens, capacity), taken before anything is freed."""
-        i = len(self.rows)
+        i = self.num_steps
         open_tails = self._tails
         for sid, n, cap in tails:
             runs = open_tails.get(sid)
@@ -70,8 +75,8 @@ class Recorder:
         runs = self._tails.pop(seq_id, None)
         if not runs:
             return
-        if len(self.reserved) <= len(self.rows):  # the current step's row may not be added yet
-            self.reserved = np.concatenate([self.reserved, np.zeros(len(self.rows) + 1024, np.int64)])
+        if len(self.reserved) <= self.num_steps:  # the current step's row may not be added yet
+            self.reserved = np.concatenate([self.reserved, np.zeros(self.num_steps + 1024, np.int64)])
         for first, n, cap, count in runs:
             filled = n + np.arange(count)
             self.reserved[first:first + count] += np.clip(min(final_slots, cap) - filled, 0, None)
@@ -84,7 +89,9 @@ class Recorder:
         for sid in list(self._tails):  # still holding blocks (a run cut short): final length is now
             _, n, _, count = self._tails[sid][-1]
             self.close_seq(sid, n + count - 1)
-        steps = pd.DataFrame.from_records(self.rows, columns=STEP_COLUMNS)
+        table = self._table[:self.num_steps]
+        steps = pd.DataFrame({c: table[:, j] if c in FLOAT_COLUMNS else table[:, j].astype(np.int64)
+                              for j, c in enumerate(STEP_COLUMNS)})
         if len(self.reserved) < len(steps):
             self.reserved = np.concatenate([self.reserved, np.zeros(len(steps), np.int64)])
         reserved = self.reserved[:len(steps)].copy()
