@@ -1,9 +1,9 @@
 """Config schema (dataclasses in Hydra's ConfigStore), validation and the config dir locator.
 
 Types are checked by OmegaConf while Hydra composes; choices, ranges and cross-field rules are
-checked by :func:`validate` (composed config), :func:`check_plan` (the deeper checks that need
-the model's shapes, the KV budget, the device or the trace file) and :func:`check_overrides`
-(command-line overrides, before Hydra creates any directory). Every message names the field,
+checked by :func:`validate` (composed config) and :func:`check_overrides` (command-line
+overrides, before Hydra creates any directory); the checks that need the model's shapes, the KV
+budget, the device or the trace file are :func:`pagedlab.app.checks.check_plan`. Every message names the field,
 the value and what is allowed.
 """
 
@@ -45,7 +45,8 @@ class ConfigError(CompactHydraException, ValueError):
         self.problems = problems if problems is not None else [message]
 
 
-def _raise(errors: list[str]) -> None:
+def raise_problems(errors: list[str]) -> None:
+    """Raise one ConfigError listing every problem, if there are any."""
     if errors:
         raise ConfigError("Invalid config:\n  " + "\n  ".join(errors), errors)
 
@@ -300,14 +301,14 @@ def validate(cfg: DictConfig) -> None:
         errors.append(f"prefix_cache=true is not allowed with allocator={cfg.allocator.name}: expected "
                       "allocator=paged (contiguous allocators never share blocks)")
     errors.extend(_sampling_problems(cfg) + _length_problems(cfg))
-    _raise(errors)
+    raise_problems(errors)
 
 
 def _is_set(node: DictConfig, key: str) -> bool:
     return not OmegaConf.is_missing(node, key) and node[key] is not None
 
 
-def _effective(cfg: DictConfig, name: str) -> tuple[str, Any]:
+def effective_sampling(cfg: DictConfig, name: str) -> tuple[str, Any]:
     """(key, value) of sampling field ``name`` as requests get it: workload.<name> overrides sampling.<name>."""
     w = cfg.workload.get(name)
     return (f"workload.{name}", w) if w is not None else (f"sampling.{name}", cfg.sampling.get(name))
@@ -315,7 +316,7 @@ def _effective(cfg: DictConfig, name: str) -> tuple[str, Any]:
 
 def _sampling_problems(cfg: DictConfig) -> list[str]:
     """n > 1 together with beam_width > 1 (workload.n / workload.beam_width override sampling's)."""
-    (nk, n), (bk, b) = _effective(cfg, "n"), _effective(cfg, "beam_width")
+    (nk, n), (bk, b) = effective_sampling(cfg, "n"), effective_sampling(cfg, "beam_width")
     if isinstance(n, int) and isinstance(b, int) and n > 1 and b > 1:
         return [(f"{nk}={n} with {bk}={b} is not allowed: parallel sampling and beam search do not combine; "
                  f"choose one ({nk}=1 or {bk}=1)")]
@@ -344,169 +345,6 @@ def _length_problems(cfg: DictConfig) -> list[str]:
         errors.append(f"workload.shared_prefix_len={spl} is not allowed with max_model_len={mml}: expected at most "
                       f"{mml - 2} (the prefix, one prompt token and one output token must fit)")
     return errors
-
-
-# --------------------------------------------------------------------------- deep checks
-def check_plan(cfg: DictConfig) -> None:
-    """Everything checked before work: :func:`validate`, then the rules that need the model's shapes
-    (preset or the checkpoint's config.json), the hardware, the KV budget, the device, the kernel and
-    the workload's requests. Raises ConfigError listing every problem; loads no weights, uses no network."""
-    validate(cfg)
-    errors: list[str] = _parallel_seq_problems(cfg)
-    spec = _model_problems(cfg, errors)
-    executor = cfg.executor.name
-    if spec is not None and executor == "sim":
-        _fit_problems(cfg, spec, errors)
-    device = _device_problems(cfg, errors) if executor == "torch" else None
-    _kernel_problems(cfg, spec, device, errors)
-    if spec is not None and not errors:
-        _budget_problems(cfg, spec, device, errors)
-    if spec is not None and cfg.workload.name == "trace":
-        _trace_problems(cfg, spec, errors)
-    _raise(errors)
-
-
-def _parallel_seq_problems(cfg: DictConfig) -> list[str]:
-    """A synthetic request's sequences (max(n, beam_width)) must fit in max_num_seqs. Traces are
-    skipped: their rows may set their own n, and the engine rejects such requests with a reason."""
-    if cfg.workload.name == "trace":
-        return []
-    errors = []
-    for name in ("n", "beam_width"):
-        key, value = _effective(cfg, name)
-        if isinstance(value, int) and value > cfg.max_num_seqs:
-            errors.append(f"{key}={value} is not allowed with max_num_seqs={cfg.max_num_seqs}: each request runs "
-                          f"{value} sequences at once, so none could ever be scheduled; expected max_num_seqs >= "
-                          f"{value} or a smaller {name}")
-    return errors
-
-
-def _model_problems(cfg: DictConfig, errors: list[str]) -> Any:
-    """The model's ModelSpec (no weights), or None after adding why it cannot be had."""
-    from pagedlab.experiment import model_shapes
-    from pagedlab.models.presets import hf_config_file
-
-    m = cfg.model
-    path = m.name_or_path
-    if m.name != "hf" and cfg.executor.name == "torch" and not path and not m.name.startswith("tiny_"):
-        errors.append(f"model={m.name} is not allowed with executor=torch and model.name_or_path=null: the preset "
-                      "has shapes but no weights; expected executor=sim, or model.name_or_path=<checkpoint>")
-        return None
-    if (m.name == "hf" or (path and cfg.executor.name == "torch")) and hf_config_file(str(path)) is None:
-        errors.append(f"model.name_or_path={path} is not allowed: expected a local folder with a config.json or "
-                      "a Hugging Face model id already in the local cache (nothing is downloaded here; "
-                      "fetch it first, e.g. `hf download ID`)")
-        return None
-    try:
-        return model_shapes(cfg)
-    except Exception as exc:  # noqa: BLE001 - an unreadable or unsupported config.json
-        errors.append(f"model.name_or_path={path} is not allowed: its config.json cannot be read as a causal LM "
-                      f"({type(exc).__name__}: {exc})")
-        return None
-
-
-def _fit_problems(cfg: DictConfig, spec: Any, errors: list[str]) -> None:
-    from pagedlab.models.presets import GIB, hardware_spec
-
-    hw = hardware_spec(cfg.hardware.name)
-    util = cfg.kv_cache.gpu_memory_utilization
-    usable = hw.memory_gib * GIB * util
-    if spec.weight_bytes > usable:
-        errors.append(f"model={cfg.model.name} is not allowed with hardware={hw.name}: its weights take "
-                      f"{spec.weight_bytes / GIB:.1f} GiB ({spec.dtype}) but {hw.memory_gib:g} GiB x "
-                      f"kv_cache.gpu_memory_utilization={util:g} = {usable / GIB:.1f} GiB; expected a larger "
-                      f"hardware, a smaller model or a smaller model.dtype")
-
-
-def _device_problems(cfg: DictConfig, errors: list[str]) -> str:
-    """The device type the torch executor will use ("cpu" or "cuda"); adds a problem if it has none."""
-    import torch
-
-    device = cfg.device
-    available = torch.cuda.is_available()
-    if device == "auto":
-        return "cuda" if available else "cpu"
-    if device.startswith("cuda"):
-        count = torch.cuda.device_count() if available else 0
-        index = int(device[5:]) if ":" in device else 0
-        if index >= count:
-            have = f"{count} CUDA device(s): cuda:0..cuda:{count - 1}" if count else "no CUDA device"
-            errors.append(f"device={device} is not allowed: this machine has {have}; expected "
-                          f"{'device=cpu or device=auto' if not count else 'one of those, cpu or auto'}")
-        return "cuda"
-    return "cpu"
-
-
-def _kernel_problems(cfg: DictConfig, spec: Any, device: str | None, errors: list[str]) -> None:
-    import importlib.util
-
-    if cfg.kernel.name != "triton":
-        return
-    if cfg.executor.name == "sim":
-        errors.append("kernel=triton is not allowed with executor=sim: the simulator runs no attention kernel; "
-                      "expected executor=torch, or kernel=torch_gather")
-    elif importlib.util.find_spec("triton") is None:
-        errors.append("kernel=triton is not allowed: the `triton` package is not installed; expected "
-                      "kernel=torch_gather (or `pip install triton`)")
-    elif device == "cpu" and spec is not None and spec.dtype in ("bfloat16", "bf16"):
-        dtype = cfg.model.dtype if cfg.model.dtype != "auto" else "auto (the checkpoint's bfloat16)"
-        errors.append(f"kernel=triton is not allowed with model.dtype={dtype} on the CPU: "
-                      "Triton's interpreter has no bfloat16; expected model.dtype=float32 or float16, "
-                      "kernel=torch_gather, or a CUDA device")
-
-
-def _budget_problems(cfg: DictConfig, spec: Any, device: str | None, errors: list[str]) -> None:
-    """The KV cache must hold one request of max_model_len tokens (per sequence for contiguous allocators)."""
-    from pagedlab.experiment import kv_num_blocks, sim_budget
-    from pagedlab.models.presets import GIB
-
-    kvt, bs, kv = spec.kv_bytes_per_token, cfg.block_size, cfg.kv_cache
-    if cfg.executor.name == "sim":
-        default, what = sim_budget(cfg, spec)
-    elif device == "cpu":
-        default, what = kv.cpu_budget_gib * GIB, "kv_cache.cpu_budget_gib"
-    else:
-        default, what = None, "free device memory x kv_cache.gpu_memory_utilization - weights"
-    if kv.num_blocks is not None:
-        field_, value = "kv_cache.num_blocks", kv.num_blocks
-    elif kv.budget_gib is not None:
-        field_, value = "kv_cache.budget_gib", kv.budget_gib
-    elif cfg.executor.name == "torch" and default is not None:
-        field_, value = "kv_cache.cpu_budget_gib", kv.cpu_budget_gib
-    elif default is not None:
-        field_, value = "kv_cache.budget_gib", f"null (the default: {what} = {default / GIB:.4g} GiB)"
-    else:
-        return  # sized from free device memory once the model is loaded
-    try:
-        num_blocks = kv_num_blocks(cfg, kvt, default, what)
-    except ValueError:
-        num_blocks = 0
-    seqs = 1
-    if cfg.allocator.name != "paged":
-        n, b = (cfg.workload.n or cfg.sampling.n), (cfg.workload.beam_width or cfg.sampling.beam_width)
-        seqs = max(n, b)
-    need = seqs * -(-cfg.max_model_len // bs)
-    if num_blocks >= need:
-        return
-    per_seq = f" x {seqs} sequences (each reserves its own space with allocator={cfg.allocator.name})" \
-        if seqs > 1 else ""
-    need_gib = need * bs * kvt / GIB
-    errors.append(f"{field_}={value} is not allowed: it holds {num_blocks} blocks of {bs} tokens "
-                  f"({kvt} bytes per token for model={cfg.model.name}) but one request of max_model_len="
-                  f"{cfg.max_model_len} tokens{per_seq} needs {need} blocks = {need_gib:.4g} GiB; expected "
-                  f"kv_cache.num_blocks >= {need} or kv_cache.budget_gib >= {need_gib:.4g}, or a smaller "
-                  "max_model_len")
-
-
-def _trace_problems(cfg: DictConfig, spec: Any, errors: list[str]) -> None:
-    """Read the trace as the run will (vocab and max_model_len checks live in trace_requests)."""
-    from pagedlab.experiment import build_requests
-
-    try:
-        build_requests(cfg, spec.vocab_size, cfg.max_model_len)
-    except (ValueError, OSError, KeyError, TypeError) as exc:
-        msg = str(exc)
-        errors.append(msg if "workload.path" in msg else f"workload.path={cfg.workload.path} is not allowed: {msg}")
 
 
 # --------------------------------------------------------------------------- overrides
@@ -630,9 +468,10 @@ __all__ = [
     "ConfigError",
     "PagedLabConfig",
     "check_overrides",
-    "check_plan",
     "check_value",
     "config_dir",
+    "effective_sampling",
+    "raise_problems",
     "register",
     "schema_defaults",
     "validate",

@@ -19,6 +19,7 @@ import pandas as pd
 import yaml
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
+from pagedlab.app.checks import check_plan
 from pagedlab.app.results import make_row
 from pagedlab.config import (
     GROUP_SCHEMAS,
@@ -26,7 +27,6 @@ from pagedlab.config import (
     VERSION_BASE,
     ConfigError,
     check_overrides,
-    check_plan,
     config_dir,
 )
 from pagedlab.experiment import run_experiment

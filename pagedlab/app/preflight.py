@@ -62,7 +62,7 @@ def check_points(raw: Callable[[Sequence[str]], DictConfig], points: list[list[s
 
 def preflight(overrides: list[str], multirun: bool) -> str | None:
     """Why these overrides cannot run (a multirun: every point composed and checked with
-    :func:`pagedlab.config.check_plan`), or None. Problems composing the fixed part are left to Hydra,
+    :func:`pagedlab.app.checks.check_plan`), or None. Problems composing the fixed part are left to Hydra,
     which reports them before creating any directory."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
