@@ -165,7 +165,7 @@ def test_every_simulated_run_ends_adds_up_and_mixes_nothing(raw: dict[str, Any])
     assert s["num_finished"] + s["num_rejected"] == len(requests) == s["num_requests"]
     assert not engine.scheduler.has_unfinished()
     assert engine.bm.seq_ids() == [], "sequences left holding KV after the run"
-    assert engine.recorder._tails == {}, "tails of freed sequences left open"
+    assert engine.recorder.open_tails == 0, "tails of freed sequences left open"
     df = result.requests
     for rid, rows in df.groupby("request_id"):
         status = set(rows["status"])

@@ -70,6 +70,11 @@ class Recorder:
             else:
                 runs.append([i, n, cap, 1])
 
+    @property
+    def open_tails(self) -> int:
+        """Sequences whose unfilled tails await their final length (none once every sequence is freed)."""
+        return len(self._tails)
+
     def close_seq(self, seq_id: int, final_slots: int) -> None:
         """A sequence gave its blocks back holding ``final_slots``: charge its tails' reserved slots."""
         runs = self._tails.pop(seq_id, None)
