@@ -214,6 +214,9 @@ def _length_range(v: Any) -> bool:
 
 RULES: dict[str, Rule] = {
     "block_size": _int_range(1, 256),
+    "seed": _int_range(0, 2**63 - 1),
+    "workload.seed": _int_range(0, 2**63 - 1, optional=True),
+    "sampling.seed": _int_range(0, 2**63 - 1, optional=True),
     "device": ((lambda v: v in ("auto", "cpu", "cuda") or (v.startswith("cuda:") and v[5:].isdigit())),
                "auto, cpu, cuda or cuda:N"),
     "max_num_seqs": _int_range(1),
@@ -405,6 +408,10 @@ def check_overrides(overrides: list[str]) -> list[str]:
         if key.split(".")[0].split("/")[0] == "hydra" or ov.is_delete() or ov.package is not None:
             continue
         values = _values(ov)
+        if key == "experiment" and not (ov.is_add() or ov.is_force_add()):
+            errors.append(f"experiment={_show(values[0]) if values else '...'} is not allowed: a study is added, "
+                          f"not chosen; expected +experiment={_show(values[0]) if values else 'NAME'}")
+            continue
         if key in GROUPS or key == "experiment":
             choices = _group_choices(key)
             for v in values:

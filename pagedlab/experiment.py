@@ -184,6 +184,21 @@ def run_experiment(cfg: Any, progress: bool = True,
     return result
 
 
+RUN_SUMMARY_KEYS = ("num_blocks", "num_swap_blocks", "block_size", "kv_bytes_per_token")  # added above
+
+
+def summary_keys() -> set[str]:
+    """Every key of a run's summary (what ``+objective`` may name), known without running anything."""
+    import pandas as pd
+
+    from pagedlab.engine.recorder import STEP_COLUMNS, summarize
+
+    steps = pd.DataFrame(columns=[*STEP_COLUMNS, "reserved_slots", "internal_frag"], dtype=float)
+    requests = pd.DataFrame(columns=["status", "seq_index", "output_len", "arrival_time", "finish_time", "ttft",
+                                     "tpot", "normalized_latency"])
+    return {*summarize(steps, requests, "modelled"), *Engine.SUMMARY_KEYS, *RUN_SUMMARY_KEYS}
+
+
 def _to_dict(cfg: Any) -> dict[str, Any]:
     from omegaconf import OmegaConf
 

@@ -128,6 +128,8 @@ def main() -> None:
     except RunDirError as exc:
         print(exc, file=sys.stderr)
         sys.exit(2)
+    run_dir = lock.path.parent if lock is not None else None
+    fresh = run_dir is not None and [p.name for p in run_dir.iterdir()] == [lock.path.name]
     try:
         _hydra_task()
     except KeyboardInterrupt:
@@ -136,6 +138,8 @@ def main() -> None:
     finally:
         if lock is not None:
             lock.release()
+        if fresh and not any(run_dir.iterdir()):  # Hydra stopped before writing anything: leave no dir
+            run_dir.rmdir()
 
 
 if __name__ == "__main__":

@@ -180,3 +180,10 @@ def test_recompute_mode_swaps_groups_of_several_sequences():
     assert s["num_rejected"] == 0 and s["num_preemptions"] > 0
     assert s["swapped_out_blocks"] > 0 and s["recomputed_tokens"] == 0
     assert (result.requests.output_len == result.requests.max_tokens).all()
+
+
+def test_summary_keys_are_known_before_running():
+    """The keys a `+objective` may name are known without a run, and are exactly a run's keys."""
+    from pagedlab.experiment import summary_keys
+
+    assert set(run(**{"workload.num_requests": 3}).summary) == summary_keys()

@@ -179,3 +179,9 @@ def test_joblib_launcher_keeps_summary_parquet_with_a_failed_job(tmp_path: Path)
     assert proc.returncode != 0
     df = pd.read_parquet(sweep / "summary.parquet")
     assert df["job"].tolist() == [0, 1, 2, 3] and df["status"].tolist() == ["finished", "finished", "failed", "finished"]
+
+
+def test_a_command_line_hydra_refuses_leaves_no_run_dir(tmp_path: Path) -> None:
+    """The run dir is locked before Hydra starts; if Hydra then fails to compose, the dir goes too."""
+    proc = cli(tmp_path, *TINY, "hydra/launcher=nope", "hydra.run.dir=run")
+    assert proc.returncode != 0 and not (tmp_path / "run").exists()

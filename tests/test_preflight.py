@@ -78,6 +78,9 @@ REFUSED = {
     "triton-on-sim": (["kernel=triton"], ["kernel=triton", "executor=sim"]),
     "unknown-added-key": (["+kv_cache.num_block=10"], ["kv_cache.num_block", "not a config key", "num_blocks"]),
     "unknown-key": (["kv_cache.num_block=10"], ["kv_cache.num_block", "did you mean 'num_blocks'"]),
+    "negative-seed": (["seed=-1"], ["seed=-1", "an integer in 0.."]),
+    "experiment-without-plus": (["experiment=smoke"], ["experiment=smoke", "+experiment=smoke"]),
+    "unknown-objective": (["+objective=speed"], ["objective=speed", "throughput_tok_s"]),
 }
 if HAS_TRITON:
     REFUSED["triton-bf16-on-cpu"] = (["executor=torch", "kernel=triton", "model.dtype=bfloat16", "device=cpu"],

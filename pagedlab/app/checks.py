@@ -18,7 +18,7 @@ def check_plan(cfg: DictConfig) -> None:
     (preset or the checkpoint's config.json), the hardware, the KV budget, the device, the kernel and
     the workload's requests. Raises ConfigError listing every problem; loads no weights, uses no network."""
     validate(cfg)
-    errors: list[str] = _parallel_seq_problems(cfg)
+    errors: list[str] = _parallel_seq_problems(cfg) + _objective_problems(cfg)
     spec = _model_problems(cfg, errors)
     executor = cfg.executor.name
     if spec is not None and executor == "sim":
@@ -30,6 +30,17 @@ def check_plan(cfg: DictConfig) -> None:
     if spec is not None and cfg.workload.name == "trace":
         _trace_problems(cfg, spec, errors)
     raise_problems(errors)
+
+
+def _objective_problems(cfg: DictConfig) -> list[str]:
+    """``+objective=METRIC`` must name a numeric summary key (checked before the run, not after)."""
+    from pagedlab.experiment import summary_keys
+
+    objective = cfg.get("objective")
+    keys = sorted(summary_keys() - {"time_source"})
+    if objective is None or objective in keys:
+        return []
+    return [f"objective={objective} is not allowed: expected a numeric summary key, one of {', '.join(keys)}"]
 
 
 def _parallel_seq_problems(cfg: DictConfig) -> list[str]:

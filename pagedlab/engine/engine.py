@@ -29,6 +29,8 @@ class EngineStuck(RuntimeError):
 class Engine:
     """One scheduler and one block manager driving an executor ("sim" or "torch")."""
 
+    SUMMARY_KEYS = ("prefix_hit_rate", "num_requests")  # what result() adds to the recorder's summary
+
     def __init__(
         self,
         block_manager: BlockManager,
