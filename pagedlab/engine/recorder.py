@@ -1,4 +1,4 @@
-"""Per-step and per-sequence records, and the run summary, exactly as design.md defines them.
+"""Per-step and per-sequence records, and the run summary, as docs/metrics.md defines them.
 
 Per step (over sequences resident in device memory, after the step's allocations):
 T token slots (shared once), A allocated slots, X external fragmentation,
@@ -144,7 +144,7 @@ class Recorder:
 
 
 def summarize(steps: pd.DataFrame, requests: pd.DataFrame, time_source: str) -> dict[str, Any]:
-    """The run summary: the keys listed in design.md, plus a few breakdowns."""
+    """The run summary: the keys listed in docs/metrics.md."""
     decode = steps[steps["num_decode_seqs"] > 0]
     if decode.empty:
         decode = steps

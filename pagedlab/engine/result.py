@@ -27,7 +27,7 @@ RESULT_FILES = ("summary.json", "steps.parquet", "requests.parquet", "config.jso
 
 @dataclass
 class RunResult:
-    """`summary` (design.md's keys), `steps` (one row per engine step), `requests` (one row per
+    """`summary` (keys in docs/metrics.md), `steps` (one row per engine step), `requests` (one row per
     sequence, with `request_id` and `output_token_ids`), and the resolved `config`."""
 
     summary: dict[str, Any]

@@ -24,7 +24,7 @@ from pagedlab.models.presets import GIB, ModelSpec, num_blocks_in_budget, spec_f
 CPU_BUDGET_BYTES = 1 << 28  # 0.25 GiB of KV when running on the CPU with no budget given
 
 
-num_blocks_from_budget = num_blocks_in_budget  # the one sizing rule (design.md), shared with the simulator
+num_blocks_from_budget = num_blocks_in_budget  # the one sizing rule (docs/metrics.md), shared with the simulator
 
 
 def default_budget_bytes(device: torch.device, free_before: int, utilization: float, weight_bytes: int,
