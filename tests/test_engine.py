@@ -187,3 +187,23 @@ def test_summary_keys_are_known_before_running():
     from pagedlab.experiment import summary_keys
 
     assert set(run(**{"workload.num_requests": 3}).summary) == summary_keys()
+
+
+def test_docs_metrics_lists_every_column_and_summary_key():
+    """docs/metrics.md has a table row for every step column, per-sequence column and summary key."""
+    import re
+    from pathlib import Path
+
+    from pagedlab.experiment import summary_keys
+
+    text = (Path(__file__).parent.parent / "docs" / "metrics.md").read_text()
+
+    def rows(section: str) -> set[str]:
+        body = text.split(section, 1)[1].split("\n## ", 1)[0]
+        cells = re.findall(r"^\| ([^|]+) \|", body, re.MULTILINE)  # first cell; it may name several keys
+        return {name for cell in cells for name in re.findall(r"`([a-z_0-9]+)`", cell)}
+
+    result = run(**{"workload.num_requests": 3})
+    assert rows("## Step columns") == set(result.steps.columns)
+    assert rows("## Per-sequence columns") == set(result.requests.columns)
+    assert rows("## Summary keys") == summary_keys()

@@ -193,6 +193,7 @@ class Engine:
             "fork_copies": len(sched.fork_copies),
             "swap_out_blocks": len(sched.swap_out),
             "swap_in_blocks": len(sched.swap_in),
+            "swap_fallbacks": sched.num_swap_fallbacks,
             "recomputed_tokens": sched.recomputed_tokens,
             "chunked_tokens": sched.chunked_tokens,
             "prefix_hit_tokens": sched.prefix_hit_tokens,

@@ -24,7 +24,7 @@ STEP_COLUMNS = [
     "num_waiting", "num_running", "num_swapped", "free_blocks", "used_blocks", "cached_blocks",
     "token_slots", "allocated_slots", "external_frag", "logical_blocks", "memory_waste",
     "kv_utilization", "num_preempted", "block_copies", "fork_copies", "swap_out_blocks",
-    "swap_in_blocks", "recomputed_tokens", "chunked_tokens", "prefix_hit_tokens",
+    "swap_in_blocks", "swap_fallbacks", "recomputed_tokens", "chunked_tokens", "prefix_hit_tokens",
 ]
 FLOAT_COLUMNS = {"time", "step_time", "memory_waste", "kv_utilization"}  # the rest are counts
 
@@ -187,6 +187,7 @@ def summarize(steps: pd.DataFrame, requests: pd.DataFrame, time_source: str) -> 
         "chunked_prefill_tokens": int(steps["chunked_tokens"].sum()),
         "swapped_out_blocks": int(steps["swap_out_blocks"].sum()),
         "swapped_in_blocks": int(steps["swap_in_blocks"].sum()),
+        "swap_fallbacks": int(steps["swap_fallbacks"].sum()),
         "cow_copies": int(steps["block_copies"].sum()),
         "fork_copies": int(steps["fork_copies"].sum()),
         "sharing_saving": float(1 - decode["used_blocks"].sum() / logical) if logical else 0.0,

@@ -2,8 +2,8 @@
 
 Each step, in order:
 1. running groups (first come, first served) each get one more slot per sequence; when the block
-   manager cannot give one, a victim is preempted (`eviction.victim`) by recompute or swap
-   (`eviction.mode`) until it can, the current group itself being the last resort;
+   manager cannot give one, a victim is preempted (`eviction.victim`, chosen among the groups not yet
+   grown this step and the current one) by recompute or swap (`eviction.mode`) until it can;
 2. swapped groups come back while they fit;
 3. only when no group waits in swap, waiting requests are admitted in arrival order while the
    block manager can hold their prompts and `max_num_seqs` / `max_num_batched_tokens` allow.
@@ -285,7 +285,8 @@ class Scheduler:
             seq.num_computed = self.bm.allocate(seq.seq_id, seq.tokens, final_len)
             out.prefix_hit_tokens += seq.num_computed
             if seq.output_len > 0:
-                out.recomputed_tokens += len(seq.tokens) - seq.num_computed
+                # KV computed before the preemption and computed again (the last token never had KV)
+                out.recomputed_tokens += max(0, len(seq.tokens) - 1 - seq.num_computed)
             done.append(seq)
         for _ in range(fork_count):
             child = self.fork(group.seqs[0])
