@@ -18,7 +18,7 @@ from pagedlab.cfg_access import cfg_get as _get
 from pagedlab.engine.engine import Engine
 from pagedlab.engine.request import Request, SamplingParams
 from pagedlab.engine.result import RunResult
-from pagedlab.engine.sampler import LogitsChooser, SimChooser
+from pagedlab.engine.sampler import LogitsSampler, SimSampler
 from pagedlab.engine.scheduler import Scheduler
 from pagedlab.executors.sim import SimExecutor
 from pagedlab.kv import BlockManager
@@ -119,7 +119,7 @@ def kv_num_blocks(cfg: Any, kv_bytes_per_token: int, default_budget: float | Non
 
 
 def build(cfg: Any) -> Built:
-    """Instantiate block manager, scheduler, executor and token chooser from a composed config."""
+    """Instantiate block manager, scheduler, executor and token sampler from a composed config."""
     block_size = int(cfg.block_size)
     executor_name = _get(cfg, "executor.name", "sim")
     max_model_len = int(_get(cfg, "max_model_len", 2048))
@@ -151,15 +151,15 @@ def build(cfg: Any) -> Built:
         max_num_batched_tokens=int(_get(cfg, "max_num_batched_tokens", 8192)),
         max_model_len=max_model_len, eviction_mode=_get(cfg, "eviction.mode", "recompute"),
         victim=_get(cfg, "eviction.victim", "newest"),
+        eos_token_id=None if torch_parts is None else torch_parts.eos_token_id,
     )
     seed = int(_get(cfg, "seed", 0))
     if torch_parts is None:
-        executor = SimExecutor(spec, sim_hardware(cfg), block_size)
-        chooser, eos = SimChooser(spec.vocab_size, seed), None
+        executor, sampler = SimExecutor(spec, sim_hardware(cfg), block_size), SimSampler(spec.vocab_size, seed)
     else:
         executor = torch_parts.make_executor(int(num_blocks), block_size, num_swap)
-        chooser, eos = LogitsChooser(seed), torch_parts.eos_token_id
-    engine = Engine(bm, scheduler, executor, chooser, eos_token_id=eos)
+        sampler = LogitsSampler(seed)
+    engine = Engine(bm, scheduler, executor, sampler)
     requests = build_requests(cfg, spec.vocab_size, max_model_len)
     return Built(engine, requests, spec, int(num_blocks), num_swap)
 

@@ -1,5 +1,9 @@
-"""The engine loop: schedule a step, hand the flattened batch to the executor, choose next tokens,
-grow, fork and finish sequences, record the step.
+"""The engine loop, one step at a time: schedule, execute, sample, update, record.
+
+The scheduler decides what runs and owns every sequence's lifecycle (admission, growth,
+preemption, and, after the forward pass, appending sampled tokens, beam forks and frees,
+finishing); the executor runs the flattened batch; the sampler turns logits into tokens; the
+recorder keeps one row per step.
 
 Time is a virtual clock that advances by each step's time: modelled by the simulator, measured
 (wall time of the whole step, scheduling and sampling included) by the real executor. Requests
@@ -15,8 +19,9 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from pagedlab.engine.recorder import Recorder, summarize
-from pagedlab.engine.request import GroupStatus, Request, Sequence, SequenceGroup
+from pagedlab.engine.request import Request, Sequence, SequenceGroup
 from pagedlab.engine.result import RunResult
+from pagedlab.engine.sampler import TokenSampler
 from pagedlab.engine.scheduler import Scheduler, SchedulerOutput
 from pagedlab.executors.base import Executor, ModelInput, StepInput
 from pagedlab.kv import BlockManager
@@ -36,14 +41,12 @@ class Engine:
         block_manager: BlockManager,
         scheduler: Scheduler,
         executor: Executor,
-        chooser: Any,
-        eos_token_id: int | None = None,
+        sampler: TokenSampler,
     ) -> None:
         self.bm = block_manager
         self.scheduler = scheduler
         self.executor = executor
-        self.chooser = chooser
-        self.eos_token_id = eos_token_id
+        self.sampler = sampler
         self.block_size = block_manager.block_size
         self.wall = executor.time_source == "wall"
         self.clock = 0.0
@@ -114,11 +117,6 @@ class Engine:
         it did anything at all (ran, swapped, copied, preempted or rejected)."""
         t0 = time.perf_counter()
         sched = self.scheduler.schedule()
-        finished = 0
-        for group in sched.rejected:
-            group.finish_time = self.clock
-            self.recorder.record_group(group)
-            finished += 1
         model_input = self._build_input(sched)
         stats = self.bm.stats()
         row = self._step_row(sched, model_input, stats)
@@ -126,15 +124,19 @@ class Engine:
         if model_input.num_seqs or sched.swap_out or sched.swap_in or sched.fork_copies:
             out = self.executor.execute(StepInput(
                 model_input, sched.fork_copies, sched.swap_out, sched.swap_in, sched.block_copies))
-            self.chooser.begin_step(out.logits)
+            self.sampler.begin_step(out.logits)
             step_time = out.time_s
         else:
             step_time = 0.0
         if self.wall:  # measured: the whole step, scheduling and sampling included
-            finished += self._process(sched, self.clock + time.perf_counter() - t0)
+            ended = self.scheduler.update(sched, self.sampler, self.clock + time.perf_counter() - t0)
             step_time = time.perf_counter() - t0
         else:
-            finished += self._process(sched, self.clock + step_time)
+            ended = self.scheduler.update(sched, self.sampler, self.clock + step_time)
+        for group in ended:
+            self.sampler.release(group)
+            self.recorder.record_group(group)
+        finished = len(ended)
         self.clock += step_time
         row["time"], row["step_time"] = self.clock, step_time
         row["num_preempted"] = sched.num_preempted  # forks after the step may have preempted too
@@ -198,121 +200,3 @@ class Engine:
             "chunked_tokens": sched.chunked_tokens,
             "prefix_hit_tokens": sched.prefix_hit_tokens,
         }
-
-    # -- after the forward pass -------------------------------------------------------------------
-    def _process(self, sched: SchedulerOutput, now: float) -> int:
-        """Choose next tokens, then grow, fork, finish. Returns how many requests finished."""
-        row = 0
-        finished = 0
-        chunk_end = sched.chunk_end
-        for group, seqs in sched.scheduled:
-            rows = list(range(row, row + len(seqs)))
-            row += len(seqs)
-            if group.status is not GroupStatus.RUNNING:  # preempted after the step to make room for forks
-                continue
-            if chunk_end and any(s.seq_id in chunk_end for s in seqs):  # a prefill chunk: nothing to sample
-                for seq in seqs:
-                    seq.num_computed = chunk_end.get(seq.seq_id, seq.num_computed)
-                continue
-            for seq in seqs:
-                seq.num_computed = len(seq.tokens)
-            if group.is_beam:
-                self._beam_step(group, rows, sched)
-            elif len(seqs) < len(group.seqs):  # first step of parallel sampling: n from one row
-                for seq, token in zip(list(group.seqs), self.chooser.sample_n(group, rows[0], len(group.seqs))):
-                    seq.num_computed = seqs[0].num_computed
-                    seq.ready = True
-                    self._append(group, seq, token, 0.0)
-            else:
-                for seq, r in zip(list(seqs), rows):
-                    self._append(group, seq, self.chooser.sample(group, r), 0.0)
-            if group.first_token_time is None:
-                group.first_token_time = now
-            if not group.seqs:
-                finished += self._finish(group, now)
-        return finished
-
-    def _append(self, group: SequenceGroup, seq: Sequence, token: int, logprob: float) -> None:
-        """Add a generated token; a finished sequence gives its blocks back."""
-        seq.tokens.append(token)
-        seq.cum_logprob += logprob
-        p = group.sampling
-        if seq.output_len >= p.max_tokens:
-            seq.finish_reason = "length"
-        elif not p.ignore_eos and token == self.eos_token_id:
-            seq.finish_reason = "eos"
-        else:
-            return
-        self.scheduler.free_seq(seq)
-        group.seqs.remove(seq)
-        group.done.append(seq)
-
-    def _beam_step(self, group: SequenceGroup, rows: list[int], sched: SchedulerOutput) -> None:
-        """Keep the k best continuations: drop the beams no survivor descends from, fork the
-        parents chosen more than once (free first; copying policies preempt others for room, or
-        this group itself when even alone it cannot hold the copies)."""
-        k = group.sampling.beam_width
-        first = any(not s.ready for s in group.seqs)
-        beams = group.seqs
-        stop_on_eos = not group.sampling.ignore_eos and self.eos_token_id is not None
-        chosen: list[tuple[int, int, float]] = []
-        for rank, (parent, token, score) in enumerate(self.chooser.beam(group, rows, k, first)):
-            if stop_on_eos and token == self.eos_token_id:
-                if rank < k:  # a finished hypothesis, as Hugging Face keeps them
-                    hyp = beams[parent].fork(-1)
-                    hyp.tokens.append(token)
-                    hyp.cum_logprob, hyp.finish_reason = score, "eos"
-                    group.done.append(hyp)
-                continue
-            chosen.append((parent, token, score))
-            if len(chosen) == k:
-                break
-        used = {p for p, _, _ in chosen}
-        for i, seq in enumerate(beams):
-            if i not in used:
-                self.scheduler.free_seq(seq)
-        group.seqs = [beams[i] for i in sorted(used)]  # the beams that still hold KV
-        done_eos = len([s for s in group.done if s.finish_reason == "eos"]) >= k
-        at_max = bool(chosen) and beams[chosen[0][0]].output_len + 1 >= group.sampling.max_tokens
-        finishing = at_max or done_eos or not chosen
-        # a parent chosen more than once is forked for each further child: copying policies need room
-        first_of = {p: i for i, (p, _, _) in reversed(list(enumerate(chosen)))}
-        forks = [beams[p] for i, (p, _, _) in enumerate(chosen) if first_of[p] != i]
-        in_place = finishing or self.scheduler.make_room_for_forks(group, forks, sched)
-        survivors: list[Sequence] = []
-        for i, (parent, token, score) in enumerate(chosen):
-            seq = beams[parent]
-            if first_of[parent] != i:
-                if in_place and not finishing:
-                    seq = self.scheduler.fork(seq)
-                else:  # no KV needed: the group ends now, or is recomputed later
-                    seq = seq.fork(self.scheduler.new_seq_id())
-                    seq.num_computed = 0
-                seq.tokens.pop()  # the parent's new token was appended already
-            seq.ready = True
-            seq.tokens.append(token)
-            seq.cum_logprob = score
-            survivors.append(seq)
-        if not in_place:  # even alone the group cannot hold the copies: recompute its beams later
-            self.scheduler.requeue(group, sched)
-            group.seqs = survivors
-            return
-        if finishing:
-            # Finished hypotheses only, as HF's beam search returns (early_stopping=True): live beams
-            # join them when they reach max_tokens, not when k hypotheses ended with EOS first.
-            for seq in group.seqs:
-                self.scheduler.free_seq(seq)
-            for seq in survivors:
-                seq.finish_reason = "length"
-            group.done = sorted(group.done + (survivors if at_max else []), key=lambda s: -s.cum_logprob)[:k]
-            group.seqs = []
-        else:
-            group.seqs = survivors
-
-    def _finish(self, group: SequenceGroup, now: float) -> int:
-        group.status = GroupStatus.FINISHED
-        group.finish_time = now
-        self.scheduler.running.remove(group)
-        self.chooser.release(group)
-        self.recorder.record_group(group)
-        return 1

@@ -1,7 +1,7 @@
-"""Choosing next tokens: from real logits (greedy, temperature / top-k / top-p, beams), or, for the
-simulator, from a seeded RNG so that samples diverge and beams really fork and die.
+"""Token samplers: next tokens from real logits (greedy, temperature / top-k / top-p, beams), or, for
+the simulator, from a seeded RNG so that samples diverge and beams really fork and die.
 
-Both choosers answer three questions for the engine, per step:
+Both answer three questions for the scheduler, per step (the :class:`TokenSampler` contract):
 `sample(group, row)` one next token; `sample_n(group, row, n)` n tokens from one row (the first
 step of parallel sampling); `beam(group, rows, k, first)` the best (parent index, token, score)
 continuations over the group's beams, best first (2k of them, so that k survive EOS).
@@ -10,7 +10,7 @@ continuations over the group's beams, best first (2k of them, so that k survive 
 from __future__ import annotations
 
 import zlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -29,7 +29,27 @@ def group_seed(seed: int | None, base_seed: int, request_id: Any) -> int:
     return (base_seed * 1_000_003 + zlib.crc32(str(request_id).encode())) % (2**63)
 
 
-class SimChooser:
+class TokenSampler(Protocol):
+    """Turns a step's logits into next tokens. Rows index the step's scheduled sequences in order."""
+
+    def begin_step(self, logits: Any) -> None:
+        """The step's last-token logits, ``[num scheduled sequences, vocab]`` (None for the simulator)."""
+
+    def sample(self, group: SequenceGroup, row: int) -> int:
+        """One next token for the sequence at ``row``."""
+
+    def sample_n(self, group: SequenceGroup, row: int, n: int) -> list[int]:
+        """``n`` next tokens from one row: the first tokens of a parallel-sampling request."""
+
+    def beam(self, group: SequenceGroup, rows: list[int], k: int, first: bool) -> list[Candidate]:
+        """The 2k best (parent beam index, token, cumulative log-prob) over the group's beams, best
+        first; with ``first`` only beam 0 is expanded (the others are its copies)."""
+
+    def release(self, group: SequenceGroup) -> None:
+        """The group ended: drop its state (per-request RNG)."""
+
+
+class SimSampler:
     """Token choices without a model: uniform random tokens from a per-request seeded RNG."""
 
     def __init__(self, vocab_size: int, base_seed: int = 0) -> None:
@@ -63,7 +83,7 @@ class SimChooser:
         self._rngs.pop(group.request_id, None)
 
 
-class LogitsChooser:
+class LogitsSampler:
     """Token choices from a step's last-token logits ([num_seqs, vocab], fp32)."""
 
     def __init__(self, base_seed: int = 0) -> None:

@@ -15,10 +15,9 @@ chunks that fit the token budget (chunked prefill, as vLLM does): first every se
 last token, then one step in which every sequence computes its last token and samples together,
 as beam search needs.
 
-Forks after a step (beam search) under a copying policy (`cow=false`, contiguous allocators) need
-free blocks; when there are too few, other running groups are preempted by recompute to make room
-(no swap: its copies would have to run before the pending fork copies), and failing that the
-beam group itself is.
+After the forward pass :meth:`Scheduler.update` (from :mod:`pagedlab.engine.lifecycle`) applies
+the step: prefill chunks advance, sampled tokens are appended, beams forked and freed, finished
+groups leave.
 """
 
 from __future__ import annotations
@@ -28,11 +27,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import count
 
+from pagedlab.engine.lifecycle import SequenceLifecycle
+from pagedlab.engine.preemption import VICTIMS, pick_victim
 from pagedlab.engine.request import GroupStatus, Sequence, SequenceGroup
 from pagedlab.kv import AllocStatus, BlockManager
 
 EVICTION_MODES = ("recompute", "swap")
-VICTIMS = ("newest", "lru", "largest")
 
 
 @dataclass
@@ -57,8 +57,9 @@ class SchedulerOutput:
         return sum(len(seqs) for _, seqs in self.scheduled)
 
 
-class Scheduler:
-    """Owns the waiting, running and swapped queues and drives the block manager."""
+class Scheduler(SequenceLifecycle):
+    """Owns the waiting, running and swapped queues, drives the block manager, and (through
+    :class:`SequenceLifecycle`) applies each step's outcome to the sequences."""
 
     def __init__(
         self,
@@ -69,6 +70,7 @@ class Scheduler:
         max_model_len: int | None = None,
         eviction_mode: str = "recompute",
         victim: str = "newest",
+        eos_token_id: int | None = None,
     ) -> None:
         if eviction_mode not in EVICTION_MODES:
             raise ValueError(f"eviction.mode={eviction_mode!r} is not allowed; allowed: {', '.join(EVICTION_MODES)}")
@@ -80,6 +82,7 @@ class Scheduler:
         self.max_model_len = max_model_len
         self.eviction_mode = eviction_mode
         self.victim = victim
+        self.eos_token_id = eos_token_id
         self.waiting: deque[SequenceGroup] = deque()
         self.running: list[SequenceGroup] = []
         self.swapped: deque[SequenceGroup] = deque()
@@ -97,45 +100,6 @@ class Scheduler:
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running or self.swapped)
-
-    def free_seq(self, seq: Sequence) -> None:
-        """Release a sequence's blocks (finished, dropped beam, or preempted by recompute)."""
-        if self.on_free is not None:
-            self.on_free(seq.seq_id, self.bm.num_tokens(seq.seq_id))
-        if self.pending_fork_copies and not self.bm.is_swapped(seq.seq_id):
-            # copies into a forked child freed in the same step would write blocks handed out again
-            gone = set(self.bm.block_table(seq.seq_id))
-            self.pending_fork_copies = [(s, d) for s, d in self.pending_fork_copies if d not in gone]
-        self.bm.free(seq.seq_id)
-
-    def fork(self, parent: Sequence) -> Sequence:
-        """A child sharing (or, with copying policies, copying) the parent's blocks."""
-        child = parent.fork(self.new_seq_id())
-        self.pending_fork_copies += self.bm.fork(parent.seq_id, child.seq_id)
-        return child
-
-    def make_room_for_forks(self, group: SequenceGroup, parents: list[Sequence], out: SchedulerOutput) -> bool:
-        """After a step: whether ``parents`` (one entry per child) can be forked, preempting other
-        running groups by recompute while they cannot. False: not even with the group alone."""
-        ids = [p.seq_id for p in parents]
-        if self.bm.can_fork_many(ids):
-            return True
-        held = {b for s in group.seqs for b in self.bm.block_table(s.seq_id)}
-        if sum(len(self.bm.block_table(i)) for i in ids) > self.bm.num_blocks - len(held):
-            return False  # not even with every other group gone: do not preempt them for nothing
-        while not self.bm.can_fork_many(ids):
-            others = [g for g in self.running if g is not group and g.status is GroupStatus.RUNNING]
-            if not others:
-                return False
-            victim = self._pick(others)
-            self.running.remove(victim)
-            self._preempt(victim, out, swap=False)
-        return True
-
-    def requeue(self, group: SequenceGroup, out: SchedulerOutput) -> None:
-        """Preempt a running group by recompute (its live sequences must hold KV)."""
-        self.running.remove(group)
-        self._preempt(group, out, swap=False)
 
     # -- one step ---------------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
@@ -302,11 +266,7 @@ class Scheduler:
         return self._pick([*unscheduled, current])
 
     def _pick(self, candidates: list[SequenceGroup]) -> SequenceGroup:
-        if self.victim == "newest":
-            return max(candidates, key=lambda g: g.arrival_time)
-        if self.victim == "lru":
-            return min(candidates, key=lambda g: g.last_resident_step)
-        return max(candidates, key=lambda g: sum(self.bm.num_tokens(i) for i in g.seq_ids()))
+        return pick_victim(self.victim, candidates, self.bm)
 
     def _preempt(self, group: SequenceGroup, out: SchedulerOutput, swap: bool = True) -> None:
         out.num_preempted += 1

@@ -16,7 +16,7 @@ PCIE_GB_S = 25.0  # host <-> device, one direction, achievable
 
 
 class SimExecutor:
-    """Models step time; returns no logits (the engine's SimChooser picks tokens)."""
+    """Models step time; returns no logits (the engine's SimSampler picks tokens)."""
 
     time_source = "modelled"
 
