@@ -191,7 +191,8 @@ def summary_keys() -> set[str]:
     """Every key of a run's summary (what ``+objective`` may name), known without running anything."""
     import pandas as pd
 
-    from pagedlab.engine.recorder import STEP_COLUMNS, summarize
+    from pagedlab.engine.metrics import STEP_COLUMNS
+    from pagedlab.engine.recorder import summarize
 
     steps = pd.DataFrame(columns=[*STEP_COLUMNS, "reserved_slots", "internal_frag"], dtype=float)
     requests = pd.DataFrame(columns=["status", "seq_index", "output_len", "arrival_time", "finish_time", "ttft",

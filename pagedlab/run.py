@@ -28,9 +28,9 @@ from omegaconf import DictConfig
 
 from pagedlab.app.loggers import make_logger
 from pagedlab.app.preflight import cli_overrides, preflight
-from pagedlab.app.results import METRICS
 from pagedlab.app.rundir import RunDirError, claim_run_dir, cli_dir_lock
 from pagedlab.config import GROUPS, VERSION_BASE, ConfigError, config_dir, validate
+from pagedlab.engine.metrics import METRICS
 from pagedlab.engine.result import MARKER
 
 log = logging.getLogger("pagedlab")

@@ -95,7 +95,7 @@ BAD = [
     (["block_size=0"], ["block_size=0", "1..256"]),
     (["allocator=pagd"], ["allocator=pagd", "paged", "contiguous_max", "contiguous_pow2", "contiguous_oracle"]),
     (["cow=maybe"], ["cow=maybe", "true or false"]),
-    (["eviction.victim=oldest"], ["eviction.victim=oldest", "newest, lru, largest"]),
+    (["eviction.victim=oldest"], ["eviction.victim=oldest", "newest, longest_resident, lru, largest"]),
     (["foo=1"], ["foo", "not a config key", "block_size"]),
     (["model=hf"], ["model.name_or_path", "model=hf"]),
     (["-m", "block_size=8,0"], ["block_size=0", "1..256"]),

@@ -7,6 +7,7 @@ import copy
 import pytest
 from omegaconf import OmegaConf
 
+from pagedlab.engine.preemption import VICTIMS
 from pagedlab.experiment import build, run_experiment
 
 BASE = {
@@ -63,7 +64,7 @@ def test_every_request_finishes_with_its_target_length(allocator):
 
 
 @pytest.mark.parametrize("mode", ["recompute", "swap"])
-@pytest.mark.parametrize("victim", ["newest", "lru", "largest"])
+@pytest.mark.parametrize("victim", VICTIMS)
 def test_preemption_under_tiny_budget_keeps_lengths_and_leaks_nothing(mode, victim):
     ample = run()
     built = build(make_cfg(**{"kv_cache.num_blocks": 12, "eviction.mode": mode, "eviction.victim": victim}))

@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from omegaconf import OmegaConf
 
+from pagedlab.engine.preemption import VICTIMS
 from pagedlab.engine.request import SamplingParams
 from pagedlab.experiment import build
 
@@ -58,7 +59,7 @@ def configs(draw: Any) -> dict[str, Any]:
         "model": {"name": "llama_7b", "dtype": "auto"},
         "hardware": {"name": "a100_80gb"},
         "allocator": {"name": allocator, "order": rnd.choice(["lifo", "fifo"])},
-        "eviction": {"mode": rnd.choice(["recompute", "swap"]), "victim": rnd.choice(["newest", "lru", "largest"])},
+        "eviction": {"mode": rnd.choice(["recompute", "swap"]), "victim": rnd.choice(VICTIMS)},
         "block_size": block_size,
         "cow": rnd.random() < 0.5,
         "prefix_cache": allocator == "paged" and rnd.random() < 0.5,
@@ -121,7 +122,7 @@ class ShadowKV:
         self.copy(step.fork_copies, self.dev, self.dev)
         self.copy(step.swap_out, self.dev, self.host)
         self.copy(step.swap_in, self.host, self.dev)
-        self.copy(step.block_copies, self.dev, self.dev)
+        self.copy(step.cow_copies, self.dev, self.dev)
         mi, bs = step.model_input, self.bs
         for t, p, slot in zip(mi.input_ids, mi.positions, mi.slot_mapping):  # written before attention reads
             self.dev[slot] = (t, p)

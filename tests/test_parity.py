@@ -10,7 +10,7 @@ from pagedlab.experiment import run_experiment
 
 ACCOUNTING = ["step", "batch_size", "num_prefill_seqs", "num_decode_seqs", "num_tokens", "num_waiting",
               "num_running", "num_swapped", "free_blocks", "used_blocks", "token_slots", "allocated_slots",
-              "external_frag", "logical_blocks", "memory_waste", "num_preempted", "block_copies",
+              "external_frag", "logical_blocks", "memory_waste", "num_preempted", "cow_copies",
               "fork_copies", "swap_out_blocks", "swap_in_blocks", "recomputed_tokens", "reserved_slots",
               "internal_frag"]
 

@@ -119,13 +119,13 @@ def test_sliding_window_model(model_dirs, kernel, forward):
     run_schedule(ex, ref, 4, seed=5)
 
 
-def test_block_copies_and_swap_roundtrip(model_dirs):
+def test_cow_copies_and_swap_roundtrip(model_dirs):
     ex = TorchExecutor(str(model_dirs["llama"]), num_blocks=12, block_size=4, num_swap_blocks=5, device="cpu")
     pool = ex.kv.pool
     pool.copy_(torch.randn_like(pool))
     before = pool.clone()
     empty = ModelInput([], [], [], [], [], [], [])
-    out = ex.execute(StepInput(empty, fork_copies=[(0, 5)], block_copies=[(1, 6), (2, 7)]))
+    out = ex.execute(StepInput(empty, fork_copies=[(0, 5)], cow_copies=[(1, 6), (2, 7)]))
     assert out.logits.shape == (0, 1024)
     for src, dst in [(0, 5), (1, 6), (2, 7)]:
         assert torch.equal(pool[:, :, dst], before[:, :, src])

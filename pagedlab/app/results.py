@@ -19,16 +19,8 @@ from typing import Any
 import pandas as pd
 import yaml
 
+from pagedlab.engine.metrics import HEADLINE
 from pagedlab.engine.result import MARKER, check_run, stored_config
-
-METRICS = [
-    "memory_waste", "kv_utilization_mean", "kv_utilization_max", "batch_size_mean", "batch_size_max",
-    "throughput_tok_s", "requests_per_s", "ttft_p50", "ttft_p99", "tpot_p50", "normalized_latency_mean",
-    "num_preemptions", "recomputed_tokens", "swapped_out_blocks", "swapped_in_blocks", "cow_copies",
-    "sharing_saving", "prefix_hit_rate", "num_rejected", "num_finished", "time_source",
-]
-HEADLINE = ["memory_waste", "kv_utilization_mean", "batch_size_mean", "throughput_tok_s", "num_preemptions",
-            "sharing_saving", "num_finished", "time_source"]
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

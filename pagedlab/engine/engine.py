@@ -123,7 +123,7 @@ class Engine:
         self.recorder.note_tails(self.bm.unfilled_tails())  # before sequences are freed below
         if model_input.num_seqs or sched.swap_out or sched.swap_in or sched.fork_copies:
             out = self.executor.execute(StepInput(
-                model_input, sched.fork_copies, sched.swap_out, sched.swap_in, sched.block_copies))
+                model_input, sched.fork_copies, sched.swap_out, sched.swap_in, sched.cow_copies))
             self.sampler.begin_step(out.logits)
             step_time = out.time_s
         else:
@@ -191,7 +191,7 @@ class Engine:
             "external_frag": self.bm.take_external_frag(),
             "logical_blocks": stats.logical_blocks,
             "num_preempted": sched.num_preempted,
-            "block_copies": len(sched.block_copies),
+            "cow_copies": len(sched.cow_copies),
             "fork_copies": len(sched.fork_copies),
             "swap_out_blocks": len(sched.swap_out),
             "swap_in_blocks": len(sched.swap_in),

@@ -17,16 +17,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from pagedlab.engine.metrics import FLOAT_COLUMNS, STEP_COLUMNS
 from pagedlab.engine.request import GroupStatus, SequenceGroup
-
-STEP_COLUMNS = [
-    "step", "time", "step_time", "batch_size", "num_prefill_seqs", "num_decode_seqs", "num_tokens",
-    "num_waiting", "num_running", "num_swapped", "free_blocks", "used_blocks", "cached_blocks",
-    "token_slots", "allocated_slots", "external_frag", "logical_blocks", "memory_waste",
-    "kv_utilization", "num_preempted", "block_copies", "fork_copies", "swap_out_blocks",
-    "swap_in_blocks", "swap_fallbacks", "recomputed_tokens", "chunked_tokens", "prefix_hit_tokens",
-]
-FLOAT_COLUMNS = {"time", "step_time", "memory_waste", "kv_utilization"}  # the rest are counts
 
 
 class Recorder:
@@ -188,7 +180,7 @@ def summarize(steps: pd.DataFrame, requests: pd.DataFrame, time_source: str) -> 
         "swapped_out_blocks": int(steps["swap_out_blocks"].sum()),
         "swapped_in_blocks": int(steps["swap_in_blocks"].sum()),
         "swap_fallbacks": int(steps["swap_fallbacks"].sum()),
-        "cow_copies": int(steps["block_copies"].sum()),
+        "cow_copies": int(steps["cow_copies"].sum()),
         "fork_copies": int(steps["fork_copies"].sum()),
         "sharing_saving": float(1 - decode["used_blocks"].sum() / logical) if logical else 0.0,
         "prefix_hit_tokens": int(steps["prefix_hit_tokens"].sum()),

@@ -116,7 +116,8 @@ class SequenceGroup:
         self.first_token_time: float | None = None
         self.finish_time: float | None = None
         self.num_preemptions = 0
-        self.last_resident_step = 0  # step it was last admitted or swapped in (victim=lru)
+        self.last_resident_step = 0  # step it was last admitted or swapped in (victim=longest_resident)
+        self.last_scheduled_step = 0  # step it last ran in (victim=lru)
         self.reject_reason: str | None = None
         self.prefilling = False  # admitted with more tokens than the token budget: prefilled in chunks
         self.order = first.seq_id  # sequence ids grow with arrival: a stable order for tables

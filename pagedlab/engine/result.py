@@ -19,8 +19,8 @@ from typing import Any
 
 import pandas as pd
 
-HEADLINE = ["memory_waste", "kv_utilization_mean", "batch_size_mean", "throughput_tok_s",
-            "num_preemptions", "num_finished", "num_rejected", "time_source"]
+from pagedlab.engine.metrics import HEADLINE
+
 MARKER = "finished.json"
 RESULT_FILES = ("summary.json", "steps.parquet", "requests.parquet", "config.json")
 

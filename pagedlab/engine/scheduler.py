@@ -43,7 +43,7 @@ class SchedulerOutput:
     fork_copies: list[tuple[int, int]] = field(default_factory=list)
     swap_out: list[tuple[int, int]] = field(default_factory=list)
     swap_in: list[tuple[int, int]] = field(default_factory=list)
-    block_copies: list[tuple[int, int]] = field(default_factory=list)
+    cow_copies: list[tuple[int, int]] = field(default_factory=list)
     rejected: list[SequenceGroup] = field(default_factory=list)
     chunk_end: dict[int, int] = field(default_factory=dict)  # seq id -> end of a partial prefill chunk
     num_preempted: int = 0
@@ -108,11 +108,12 @@ class Scheduler(SequenceLifecycle):
         self.pending_fork_copies = []
         tokens_left = self.max_num_batched_tokens
         tokens_left -= self._schedule_running(out, tokens_left)
-        if out.num_preempted:  # memory is short: grow what runs, bring nothing in
-            return out
-        self._schedule_swapped(out)
-        if not self.swapped:
-            self._admit_waiting(out, tokens_left)
+        if not out.num_preempted:  # memory is short: grow what runs, bring nothing in
+            self._schedule_swapped(out)
+            if not self.swapped:
+                self._admit_waiting(out, tokens_left)
+        for group, _ in out.scheduled:
+            group.last_scheduled_step = self.step_index
         return out
 
     def _schedule_running(self, out: SchedulerOutput, tokens_left: int) -> int:
@@ -134,7 +135,7 @@ class Scheduler(SequenceLifecycle):
                     break
                 queue.remove(victim)
             else:
-                out.block_copies += self.bm.append_slots(ids, [s.tokens[-1] for s in group.seqs])
+                out.cow_copies += self.bm.append_slots(ids, [s.tokens[-1] for s in group.seqs])
                 out.scheduled.append((group, list(group.seqs)))
                 num_tokens += len(ids)
                 kept.append(group)
@@ -183,7 +184,7 @@ class Scheduler(SequenceLifecycle):
             if group.prefilling:  # its chunks go on from the next step
                 continue
             if self.bm.can_append(ids):  # else it grows next step (and may be preempted then)
-                out.block_copies += self.bm.append_slots(ids, [s.tokens[-1] for s in group.seqs])
+                out.cow_copies += self.bm.append_slots(ids, [s.tokens[-1] for s in group.seqs])
                 out.scheduled.append((group, list(group.seqs)))
 
     def _admit_waiting(self, out: SchedulerOutput, tokens_left: int) -> None:

@@ -43,14 +43,14 @@ class StepInput:
     1. `fork_copies`: copies for forks ordered after the previous step (cow off, beams, samples);
     2. `swap_out`: KV of preempted sequences to host (their device blocks may be reused below);
     3. `swap_in`: KV of resumed sequences back to device;
-    4. `block_copies`: copy-on-write copies for this step's appends.
+    4. `cow_copies`: copy-on-write copies for this step's appends.
     """
 
     model_input: ModelInput
     fork_copies: list[tuple[int, int]] = field(default_factory=list)  # (src, dst) device blocks
     swap_out: list[tuple[int, int]] = field(default_factory=list)  # (device block, host block)
     swap_in: list[tuple[int, int]] = field(default_factory=list)  # (host block, device block)
-    block_copies: list[tuple[int, int]] = field(default_factory=list)  # (src, dst) device blocks
+    cow_copies: list[tuple[int, int]] = field(default_factory=list)  # (src, dst) device blocks
 
 
 @dataclass

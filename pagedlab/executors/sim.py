@@ -41,7 +41,7 @@ class SimExecutor:
             kv_bytes = self.model.kv_bytes_per_token * (sum(mi.context_lens) + mi.num_tokens)
             compute = flops / self._peak
             memory = (self.model.weight_bytes + kv_bytes) / self._bw
-        copies = 2 * (len(step.block_copies) + len(step.fork_copies)) * self.block_bytes / self._bw
+        copies = 2 * (len(step.cow_copies) + len(step.fork_copies)) * self.block_bytes / self._bw
         swaps = (len(step.swap_in) + len(step.swap_out)) * self.block_bytes / (PCIE_GB_S * 1e9)
         return max(compute, memory) + copies + swaps + self.hw.step_overhead_s
 

@@ -123,7 +123,7 @@ class TorchExecutor:
             self.kv.copy_blocks(step.fork_copies)
             self.kv.swap_out(step.swap_out)
             self.kv.swap_in(step.swap_in)
-            self.kv.copy_blocks(step.block_copies)
+            self.kv.copy_blocks(step.cow_copies)
             mi = step.model_input
             if mi.num_seqs:
                 logits = self._forward(mi)
