@@ -20,12 +20,13 @@ from .stats import KVStats, WasteBreakdown
 class Accounting:
     """Mixin of ``BlockManager``: counters, ``stats``, ``waste_breakdown``, external fragmentation.
 
-    Needs ``num_blocks``, ``block_size``, ``_swap`` and the hooks ``_free_summary`` and
+    Needs ``num_blocks``, ``block_size``, ``num_swap_blocks``, ``_swap`` and the hooks ``_free_summary`` and
     ``unfilled_tails`` from the allocator.
     """
 
     num_blocks: int
     block_size: int
+    num_swap_blocks: int
 
     def _init_counters(self) -> None:
         self._T = 0
@@ -63,7 +64,7 @@ class Accounting:
             logical_blocks=self._logical,
             largest_free_run=largest,
             cached_blocks=cached,
-            swapped_blocks=self._swap.used_blocks(),  # type: ignore[attr-defined]
+            swapped_blocks=self.num_swap_blocks - len(self._swap.pool.free),  # type: ignore[attr-defined]
             cow_copies=self._cow_copies,
             prefix_hit_tokens=self._hit_tokens,
             prefix_query_tokens=self._query_tokens,

@@ -159,8 +159,14 @@ class PagedBlockManager(BlockManager):
 
     def append_slots(self, seq_ids: Sequence[int], token_ids: Sequence[int]) -> list[tuple[int, int]]:
         """One slot per sequence; returns copy-on-write copies (src, dst). O(1) per sequence."""
-        self._check_append(seq_ids, token_ids)
+        # the checks of _check_append, inlined: the scheduler calls this once per sequence group
+        ns = len(seq_ids)
+        if len(token_ids) != ns:
+            raise KVCacheError(f"len(token_ids)={len(token_ids)} must equal len(seq_ids)={ns}")
+        self._check_batch(seq_ids)
         pool = self._pool
+        if ns > len(pool.free) + len(pool.lru):
+            self._check_append(seq_ids, token_ids)
         bs, ntok, tables = self.block_size, self._ntok, self._tables
         ref, free, pop, take = pool.ref, pool.free, pool.pop, pool.take
         copies: list[tuple[int, int]] = []
