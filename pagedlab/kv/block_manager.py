@@ -103,7 +103,7 @@ def implementation(allocator: str, cow: bool = True, prefix_cache: bool = False)
 
 
 class BlockManager(Accounting):
-    """KV-cache memory manager; see the module docstring and contracts.md section 1.
+    """KV-cache memory manager; see the module docstring (the metrics: docs/metrics.md).
 
     ``BlockManager(...)`` returns an instance of the subclass composed for the arguments.
     """
