@@ -170,12 +170,14 @@ def test_cow_fork_shares_and_append_copies_partial_block():
     m.allocate(1, toks(6), 20)  # blocks [0, 1], block 1 half full
     assert m.fork(1, 2) == []
     assert m.block_table(2) == [0, 1]
+    assert (m.ref_count(0), m.ref_count(1), m.ref_count(2)) == (2, 2, 0)
     s = m.stats()
     assert (s.used_blocks, s.logical_blocks, s.token_slots) == (2, 4, 6)
     copies = m.append_slots([1, 2], [7, 8])
     # seq 1 writes into the shared partial block -> copy; seq 2 is then the only holder: in place
     assert copies == [(1, 2)]
     assert m.block_table(1) == [0, 2] and m.block_table(2) == [0, 1]
+    assert (m.ref_count(0), m.ref_count(1), m.ref_count(2)) == (2, 1, 1)
     s = m.stats()
     assert s.cow_copies == 1 and s.used_blocks == 3 and s.token_slots == 6 + 2 + 2
     m.check_invariants()
@@ -283,9 +285,12 @@ def test_prefix_cache_lru_eviction_and_reuse():
     m = bm(num_blocks=4, prefix_cache=True)
     m.allocate(1, toks(9, base=100), 10)  # blocks 0,1 full + 2
     m.append_slots([1], [0])  # its prefill has run: the registered blocks are confirmed
+    assert m.block_hash(0) is not None and m.block_hash(1) is not None and m.block_hash(2) is None
     m.free(1)
     s = m.stats()
     assert s.cached_blocks == 2 and s.free_blocks == 4 and s.used_blocks == 0
+    # truly free blocks first (lifo: block 2 was freed first of the three), then cached, tail first
+    assert m.free_blocks_in_eviction_order() == [2, 3, 1, 0]
     assert m.allocate(2, toks(9, base=100), 9) == 8  # reuses cached blocks 0,1
     assert m.block_table(2)[:2] == [0, 1]
     assert m.stats().cached_blocks == 0
@@ -325,6 +330,7 @@ def test_prefix_blocks_provisional_until_first_append():
     m.free(1)
     m.free(2)  # admission rolled back before any prefill ran: nothing stays cached
     assert m.stats().cached_blocks == 0
+    assert all(m.block_hash(b) is None for b in range(16))
     assert m.allocate(3, toks(9), 12) == 0
     m.append_slots([3], [0])
     m.free(3)
@@ -525,3 +531,79 @@ def test_bench_smoke(capsys):
     main(["--num-seqs", "4", "--steps", "40", "--block-size", "4", "--repeats", "1"])
     out = capsys.readouterr().out
     assert "slots/s" in out and "contiguous_oracle" in out and "cow-forked" in out
+
+
+# ---------------------------------------------------------------- parts and accessors
+def test_block_manager_builds_the_composed_class():
+    from pagedlab.kv.contiguous import ContiguousBlockManager
+    from pagedlab.kv.paged import PagedBlockManager
+    from pagedlab.kv.prefix_cache import PrefixCacheLayer
+    from pagedlab.kv.sharing import CowPagedBlockManager
+
+    assert type(bm()) is CowPagedBlockManager
+    assert type(bm(cow=False)) is PagedBlockManager
+    assert isinstance(bm(prefix_cache=True), PrefixCacheLayer) and isinstance(bm(prefix_cache=True), BlockManager)
+    assert not isinstance(bm(cow=False, prefix_cache=True), CowPagedBlockManager)
+    for a in CONTIGUOUS:
+        m = bm(allocator=a)
+        assert type(m) is ContiguousBlockManager and m.cow is False and m.allocator == a
+
+
+def test_contiguous_rules_are_arguments():
+    from pagedlab.kv.allocators import best_fit
+    from pagedlab.kv.contiguous import ContiguousBlockManager
+
+    m = ContiguousBlockManager(12, 4, reserve=lambda final_len, mml: 2 * final_len, place=best_fit)
+    m.allocate(1, toks(4), 4)  # 8 slots: blocks 0-1
+    m.allocate(2, toks(4), 4)  # blocks 2-3
+    m.allocate(3, toks(4), 6)  # 12 slots: blocks 4-6; free run 7-11
+    m.free(2)
+    assert m.free_runs() == [(2, 2), (7, 5)]
+    m.allocate(5, toks(2), 2)  # 1 block (4 slots): best fit takes the 2-block run, not 7-11
+    assert m.block_table(5) == [2] and m.reservation(5) == (2, 1)
+    m.allocate(6, toks(4), 4)  # 2 blocks: only 7-11 holds them
+    assert m.reservation(6) == (7, 2)
+    m.check_invariants()
+    m2 = BlockManager(12, 4, allocator="contiguous_oracle")
+    m2.allocate(1, toks(4), 4)
+    m2.allocate(2, toks(4), 4)
+    m2.allocate(3, toks(4), 8)
+    m2.free(1)  # free runs: 0 and 4-11
+    assert m2.free_blocks_in_eviction_order() == [0, *range(4, 12)]
+    assert [m2.ref_count(b) for b in range(5)] == [0, 1, 1, 0, 0]  # seq 3 holds only block 2 so far
+
+
+@pytest.mark.parametrize("order", ["lifo", "fifo"])
+def test_free_blocks_in_eviction_order(order):
+    m = bm(num_blocks=8, order=order)
+    m.allocate(1, toks(8), 8)  # 0, 1
+    m.allocate(2, toks(4), 4)  # 2
+    m.free(2)
+    m.free(1)  # tail first: 1, then 0
+    got = m.free_blocks_in_eviction_order()
+    assert got == ([0, 1, 2, 3, 4, 5, 6, 7] if order == "lifo" else [3, 4, 5, 6, 7, 2, 1, 0])
+    got.clear()  # a copy: the manager is untouched
+    got = m.free_blocks_in_eviction_order()
+    m.allocate(3, toks(4 * len(got)), 4 * len(got))
+    assert m.block_table(3) == got  # the order an allocation really takes them in
+    assert m.free_blocks_in_eviction_order() == []
+
+
+def test_host_accessors():
+    m = bm(num_swap_blocks=4)
+    m.allocate(1, toks(6), 6)
+    m.fork(1, 2)
+    m.swap_out([1, 2])
+    assert m.host_block_table(1) == m.host_block_table(2)
+    assert [m.host_ref_count(h) for h in m.host_block_table(1)] == [2, 2]
+    with pytest.raises(KVCacheError, match="not swapped out"):
+        m.host_block_table(3)
+
+
+def test_no_kv_module_over_400_lines():
+    from pathlib import Path
+
+    import pagedlab.kv
+
+    for f in Path(pagedlab.kv.__file__).parent.glob("*.py"):
+        assert len(f.read_text().splitlines()) <= 400, f.name

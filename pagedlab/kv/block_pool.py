@@ -26,6 +26,7 @@ class BlockPool:
         self.name = name
         self.ref = [0] * num_blocks
         lifo = order == "lifo"
+        self.lifo = lifo
         self.free: deque[int] = deque(reversed(range(num_blocks)) if lifo else range(num_blocks))
         self.pop = self.free.pop if lifo else self.free.popleft
         self.block_hash: list[int | None] = [None] * num_blocks
@@ -35,6 +36,12 @@ class BlockPool:
     def available(self) -> int:
         """Blocks that ``take`` can hand out: truly free + evictable cached."""
         return len(self.free) + len(self.lru)
+
+    def eviction_order(self) -> list[int]:
+        """Every available block in the order ``take`` hands them out: truly free ones first (in
+        ``order``), then cached ones LRU-oldest first."""
+        free = list(reversed(self.free)) if self.lifo else list(self.free)
+        return free + list(self.lru)
 
     def take(self) -> int:
         """Remove one block from the available set (free first, else evict LRU-oldest); ref untouched."""

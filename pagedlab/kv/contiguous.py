@@ -1,0 +1,248 @@
+"""Contiguous allocator (Orca-style): each sequence reserves one run of consecutive blocks.
+
+Two rules are arguments: the reservation rule (how many slots a sequence reserves up front, from
+its final length: ``reserve_max`` / ``reserve_pow2`` / ``reserve_oracle``) and the placement rule
+(which free run the reservation goes into: ``first_fit``). A sequence that outgrows its
+reservation grows in place by one block when the next block is free; otherwise ``can_append`` is
+False and the free slots are noted as external fragmentation. Forks and swap-ins take a fresh
+reservation of the same size and copy the filled blocks. No block is ever shared.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from .allocators import RESERVATION_RULES, FreeRuns, PlacementRule, ReservationRule, first_fit
+from .block_manager import BlockManager
+from .errors import KVCacheError
+from .invariants import check_contiguous
+from .stats import AllocStatus
+
+
+class ContiguousBlockManager(BlockManager):
+    """Reservations of ``reserve(final_len, max_model_len)`` slots placed by ``place``.
+
+    ``reserve`` defaults to the rule ``allocator`` names (``contiguous_max`` / ``_pow2`` / ``_oracle``).
+    """
+
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int,
+        *,
+        reserve: ReservationRule | None = None,
+        place: PlacementRule = first_fit,
+        **kwargs: object,
+    ) -> None:
+        kwargs.setdefault("allocator", "contiguous_oracle")
+        super().__init__(num_blocks, block_size, **kwargs)  # type: ignore[arg-type]
+        if reserve is None:
+            reserve = RESERVATION_RULES.get(self.allocator)
+            if reserve is None:
+                raise KVCacheError(f"allocator={self.allocator!r} names no reservation rule; pass reserve=")
+        self.reserve = reserve
+        self._runs = FreeRuns(num_blocks, place)
+        self._res_start: dict[int, int] = {}  # resident: first reserved block
+        self._res_len: dict[int, int] = {}  # live (resident or swapped): reserved blocks
+
+    # ------------------------------------------------------------------ helpers
+    def _reservation(self, final_len: int) -> int:
+        return self._blocks(self.reserve(final_len, self.max_model_len))
+
+    def _admission_blocks(self, n: int, eff: int, num_seqs: int) -> tuple[int, int]:
+        need = num_seqs * self._reservation(eff)
+        return need, need
+
+    def _note_ext_frag(self) -> None:
+        self._ext_frag = max(self._ext_frag, self._runs.free_blocks * self.block_size)
+
+    def _take_run(self, res: int, what: str) -> int:
+        """First block of a fresh run of ``res`` blocks; raises (noting external fragmentation
+        when enough blocks are free in total) if there is none."""
+        start = self._runs.allocate(res)
+        if start is None:
+            if self._runs.free_blocks >= res:
+                self._note_ext_frag()
+            raise KVCacheError(
+                f"{what} needs a contiguous run of {res} blocks "
+                f"(free blocks={self._runs.free_blocks}, largest run={self._runs.largest()})"
+            )
+        return start
+
+    def _blocked_growth(self, seq_ids: Sequence[int]) -> int:
+        """Sequences whose reservation is full and whose next block is not free."""
+        bs, ntok, rs, rl, runs = self.block_size, self._ntok, self._res_start, self._res_len, self._runs
+        blocked = 0
+        for sid in seq_ids:
+            r = rl[sid]
+            if ntok[sid] == r * bs and not runs.is_run_start(rs[sid] + r):
+                blocked += 1
+        return blocked
+
+    # ------------------------------------------------------------------ admission
+    def can_allocate(self, token_ids: Sequence[int], final_len: int, num_seqs: int = 1) -> AllocStatus:
+        """OK / LATER (no room or no run now, keeping ``watermark_blocks`` free) / NEVER."""
+        n = len(token_ids)
+        if self._never_reason(n, final_len, num_seqs) is not None:
+            return AllocStatus.NEVER
+        res = self._reservation(max(final_len, n))
+        runs = self._runs
+        if runs.free_blocks - num_seqs * res < self.watermark_blocks:
+            return AllocStatus.LATER
+        if not runs.fits([res] * num_seqs):
+            self._note_ext_frag()
+            return AllocStatus.LATER
+        return AllocStatus.OK
+
+    def allocate(self, seq_id: int, token_ids: Sequence[int], final_len: int) -> int:
+        """Reserve a run for ``seq_id``'s final length; returns 0 (no prefix cache)."""
+        n = self._admit_check(seq_id, token_ids, final_len)
+        res = self._reservation(max(final_len, n))
+        start = self._take_run(res, f"sequence {seq_id!r}")
+        self._tables[seq_id] = list(range(start, start + self._blocks(n)))
+        self._res_start[seq_id] = start
+        self._res_len[seq_id] = res
+        self._ntok[seq_id] = n
+        self._T += n
+        self._logical += res
+        self._query_tokens += n
+        return 0
+
+    # ------------------------------------------------------------------ fork (copies)
+    def can_fork(self, parent_id: int, num_children: int = 1) -> bool:
+        """Whether ``num_children`` reservations like the parent's can be placed now."""
+        self._table(parent_id)
+        return self._runs.fits([self._res_len[parent_id]] * num_children)
+
+    def can_fork_many(self, parent_ids: Sequence[int]) -> bool:
+        """Whether one child of each entry of ``parent_ids`` (repeats allowed) fits now, all together."""
+        if not parent_ids:
+            return True
+        for p in parent_ids:
+            self._table(p)
+        return self._runs.fits([self._res_len[p] for p in parent_ids])
+
+    def fork(self, parent_id: int, child_id: int) -> list[tuple[int, int]]:
+        """Child gets a reservation like the parent's and copies of its filled blocks (src, dst)."""
+        ptable = self._fork_check(parent_id, child_id)
+        n = self._ntok[parent_id]
+        res = self._res_len[parent_id]
+        start = self._take_run(res, f"fork of {parent_id!r}")
+        table = list(range(start, start + len(ptable)))
+        self._res_start[child_id] = start
+        self._res_len[child_id] = res
+        self._T += n
+        self._logical += res
+        self._tables[child_id] = table
+        self._ntok[child_id] = n
+        return list(zip(ptable, table))
+
+    # ------------------------------------------------------------------ decode
+    def can_append(self, seq_ids: Sequence[int]) -> bool:
+        """Whether every sequence in ``seq_ids`` can get one more slot, all together."""
+        self._check_batch(seq_ids)
+        blocked = self._blocked_growth(seq_ids)
+        if blocked and self._runs.free_blocks >= blocked:
+            self._note_ext_frag()
+        return blocked == 0
+
+    def append_slots(self, seq_ids: Sequence[int], token_ids: Sequence[int]) -> list[tuple[int, int]]:
+        """One slot per sequence, inside its reservation or grown in place; returns []."""
+        if len(token_ids) != len(seq_ids):
+            raise KVCacheError(f"len(token_ids)={len(token_ids)} must equal len(seq_ids)={len(seq_ids)}")
+        self._check_batch(seq_ids)
+        blocked = self._blocked_growth(seq_ids)
+        if blocked:
+            raise KVCacheError(
+                f"{blocked} sequence(s) outgrew their contiguous reservation and the next block is "
+                f"not free (free blocks={self._runs.free_blocks}; check can_append first)"
+            )
+        bs, ntok, tables, rs, rl = self.block_size, self._ntok, self._tables, self._res_start, self._res_len
+        grown = 0
+        for sid in seq_ids:
+            n = ntok[sid]
+            if n % bs == 0:
+                table = tables[sid]
+                k = len(table)
+                start = rs[sid]
+                if k == rl[sid]:
+                    self._runs.take_block(start + k)
+                    rl[sid] = k + 1
+                    grown += 1
+                table.append(start + k)
+            ntok[sid] = n + 1
+        self._T += len(seq_ids)
+        self._logical += grown
+        return []
+
+    # ------------------------------------------------------------------ free / swap hooks
+    def _release_resident(self, sid: int, table: list[int], n: int) -> None:
+        res = self._res_len[sid]
+        self._runs.free(self._res_start.pop(sid), res)
+        self._T -= n
+        self._logical -= res
+
+    def _forget(self, sid: int) -> None:
+        del self._res_len[sid]
+
+    def _swap_in_problem(self, seq_ids: Sequence[int], watermark: int) -> str | None:
+        sizes = [self._res_len[s] for s in seq_ids]
+        runs = self._runs
+        if runs.free_blocks - sum(sizes) < watermark:
+            return (
+                f"swap-in needs {sum(sizes)} device blocks but {runs.free_blocks} of "
+                f"num_blocks={self.num_blocks} are free (keeping watermark_blocks={watermark})"
+            )
+        if not runs.fits(sizes):
+            self._note_ext_frag()
+            return f"swap-in needs contiguous runs of {sizes} blocks; largest free run is {runs.largest()}"
+        return None
+
+    def _swap_in_place(self, seq_ids: Sequence[int]) -> list[tuple[int, int]]:
+        pairs: list[tuple[int, int]] = []
+        for sid in seq_ids:
+            htable = self._host_tables.pop(sid)
+            res = self._res_len[sid]
+            start = self._runs.allocate(res)
+            assert start is not None  # guaranteed by fits()
+            table = list(range(start, start + len(htable)))
+            pairs.extend(zip(htable, table))
+            self._swap.release(htable)
+            self._tables[sid] = table
+            self._res_start[sid] = start
+            self._T += self._ntok[sid]
+            self._logical += res
+        return pairs
+
+    # ------------------------------------------------------------------ queries
+    def _free_summary(self) -> tuple[int, int, int]:
+        return self._runs.free_blocks, 0, self._runs.largest()
+
+    def unfilled_tails(self) -> list[tuple[int, int, int]]:
+        bs, ntok, rl = self.block_size, self._ntok, self._res_len
+        out: list[tuple[int, int, int]] = []
+        for sid in self._tables:
+            n, res = ntok[sid], rl[sid]
+            if res * bs > n:
+                out.append((sid, n, res * bs))
+        return out
+
+    def _check_layout(self) -> tuple[int, int]:
+        return check_contiguous(self)
+
+    def ref_count(self, block: int) -> int:
+        """1 if ``block`` is in some resident sequence's table, else 0 (nothing is shared)."""
+        return sum(1 for t in self._tables.values() if t and t[0] <= block <= t[-1])
+
+    def reservation(self, seq_id: int) -> tuple[int | None, int]:
+        """(first reserved block or None if swapped out, reserved blocks) of a live sequence."""
+        self.num_tokens(seq_id)
+        return self._res_start.get(seq_id), self._res_len[seq_id]
+
+    def free_blocks_in_eviction_order(self) -> list[int]:
+        """Free blocks by id (the free runs, lowest first)."""
+        return [b for s, ln in self._runs.runs() for b in range(s, s + ln)]
+
+    def free_runs(self) -> list[tuple[int, int]]:
+        """(start, length) of every free run, by start."""
+        return self._runs.runs()
