@@ -117,6 +117,8 @@ class Engine:
         it did anything at all (ran, swapped, copied, preempted or rejected)."""
         t0 = time.perf_counter()
         sched = self.scheduler.schedule()
+        for group in sched.rejected:
+            group.finish_time = self.clock
         model_input = self._build_input(sched)
         stats = self.bm.stats()
         row = self._step_row(sched, model_input, stats)

@@ -1,21 +1,15 @@
 """The sequence lifecycle after a forward pass, owned by the scheduler (mixed into it): prefill
 chunks advance, sampled tokens are appended, finished sequences give their blocks back, beams are
-forked and freed, and groups with no live sequence finish.
-
-Forks after a step (beam search) under a copying policy (`cow=false`, contiguous allocators) need
-free blocks; when there are too few, other running groups are preempted by recompute to make room
-(no swap: its copies would have to run before the pending fork copies), and failing that the beam
-group itself is.
+forked and freed, and groups with no live sequence finish. Forks that need room, and the frees,
+are the scheduler's (:mod:`pagedlab.engine.scheduler`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from pagedlab.engine.request import GroupStatus, Sequence, SequenceGroup
 from pagedlab.engine.sampler import TokenSampler
-from pagedlab.kv import BlockManager
 
 if TYPE_CHECKING:
     from pagedlab.engine.scheduler import SchedulerOutput
@@ -25,22 +19,21 @@ class SequenceLifecycle:
     """What happens to sequences between steps; the :class:`~pagedlab.engine.scheduler.Scheduler`
     provides the queues, the block manager and preemption."""
 
-    bm: BlockManager
     running: list[SequenceGroup]
-    pending_fork_copies: list[tuple[int, int]]
-    on_free: Callable[[int, int], None] | None
     eos_token_id: int | None
 
-    def new_seq_id(self) -> int: ...
-    def _pick(self, candidates: list[SequenceGroup]) -> SequenceGroup: ...
-    def _preempt(self, group: SequenceGroup, out: SchedulerOutput, swap: bool = True) -> None: ...
+    if TYPE_CHECKING:  # provided by the Scheduler
+        def new_seq_id(self) -> int: ...
+        def free_seq(self, seq: Sequence) -> None: ...
+        def fork(self, parent: Sequence) -> Sequence: ...
+        def make_room_for_forks(self, group: SequenceGroup, parents: list[Sequence],
+                                out: SchedulerOutput) -> bool: ...
+        def requeue(self, group: SequenceGroup, out: SchedulerOutput) -> None: ...
 
     def update(self, sched: SchedulerOutput, sampler: TokenSampler, now: float) -> list[SequenceGroup]:
         """Apply a step at time ``now``: advance prefill chunks, sample and append next tokens, fork
         and free beams, finish groups. Returns the groups that ended (rejected ones included)."""
-        ended = list(sched.rejected)
-        for group in ended:
-            group.finish_time = now
+        ended = list(sched.rejected)  # their finish_time is the step's start, set by the engine
         row = 0
         chunk_end = sched.chunk_end
         for group, seqs in sched.scheduled:
@@ -149,42 +142,3 @@ class SequenceLifecycle:
             group.seqs = []
         else:
             group.seqs = survivors
-
-    def free_seq(self, seq: Sequence) -> None:
-        """Release a sequence's blocks (finished, dropped beam, or preempted by recompute)."""
-        if self.on_free is not None:
-            self.on_free(seq.seq_id, self.bm.num_tokens(seq.seq_id))
-        if self.pending_fork_copies and not self.bm.is_swapped(seq.seq_id):
-            # copies into a forked child freed in the same step would write blocks handed out again
-            gone = set(self.bm.block_table(seq.seq_id))
-            self.pending_fork_copies = [(s, d) for s, d in self.pending_fork_copies if d not in gone]
-        self.bm.free(seq.seq_id)
-
-    def fork(self, parent: Sequence) -> Sequence:
-        """A child sharing (or, with copying policies, copying) the parent's blocks."""
-        child = parent.fork(self.new_seq_id())
-        self.pending_fork_copies += self.bm.fork(parent.seq_id, child.seq_id)
-        return child
-
-    def make_room_for_forks(self, group: SequenceGroup, parents: list[Sequence], out: SchedulerOutput) -> bool:
-        """After a step: whether ``parents`` (one entry per child) can be forked, preempting other
-        running groups by recompute while they cannot. False: not even with the group alone."""
-        ids = [p.seq_id for p in parents]
-        if self.bm.can_fork_many(ids):
-            return True
-        held = {b for s in group.seqs for b in self.bm.block_table(s.seq_id)}
-        if sum(len(self.bm.block_table(i)) for i in ids) > self.bm.num_blocks - len(held):
-            return False  # not even with every other group gone: do not preempt them for nothing
-        while not self.bm.can_fork_many(ids):
-            others = [g for g in self.running if g is not group and g.status is GroupStatus.RUNNING]
-            if not others:
-                return False
-            victim = self._pick(others)
-            self.running.remove(victim)
-            self._preempt(victim, out, swap=False)
-        return True
-
-    def requeue(self, group: SequenceGroup, out: SchedulerOutput) -> None:
-        """Preempt a running group by recompute (its live sequences must hold KV)."""
-        self.running.remove(group)
-        self._preempt(group, out, swap=False)

@@ -18,6 +18,11 @@ as beam search needs.
 After the forward pass :meth:`Scheduler.update` (from :mod:`pagedlab.engine.lifecycle`) applies
 the step: prefill chunks advance, sampled tokens are appended, beams forked and freed, finished
 groups leave.
+
+Forks after a step (beam search) under a copying policy (`cow=false`, contiguous allocators) need
+free blocks; when there are too few, other running groups are preempted by recompute to make room
+(no swap: its copies would have to run before the pending fork copies), and failing that the beam
+group itself is (:meth:`Scheduler.make_room_for_forks`, :meth:`Scheduler.requeue`).
 """
 
 from __future__ import annotations
@@ -100,6 +105,45 @@ class Scheduler(SequenceLifecycle):
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running or self.swapped)
+
+    def free_seq(self, seq: Sequence) -> None:
+        """Release a sequence's blocks (finished, dropped beam, or preempted by recompute)."""
+        if self.on_free is not None:
+            self.on_free(seq.seq_id, self.bm.num_tokens(seq.seq_id))
+        if self.pending_fork_copies and not self.bm.is_swapped(seq.seq_id):
+            # copies into a forked child freed in the same step would write blocks handed out again
+            gone = set(self.bm.block_table(seq.seq_id))
+            self.pending_fork_copies = [(s, d) for s, d in self.pending_fork_copies if d not in gone]
+        self.bm.free(seq.seq_id)
+
+    def fork(self, parent: Sequence) -> Sequence:
+        """A child sharing (or, with copying policies, copying) the parent's blocks."""
+        child = parent.fork(self.new_seq_id())
+        self.pending_fork_copies += self.bm.fork(parent.seq_id, child.seq_id)
+        return child
+
+    def make_room_for_forks(self, group: SequenceGroup, parents: list[Sequence], out: SchedulerOutput) -> bool:
+        """After a step: whether ``parents`` (one entry per child) can be forked, preempting other
+        running groups by recompute while they cannot. False: not even with the group alone."""
+        ids = [p.seq_id for p in parents]
+        if self.bm.can_fork_many(ids):
+            return True
+        held = {b for s in group.seqs for b in self.bm.block_table(s.seq_id)}
+        if sum(len(self.bm.block_table(i)) for i in ids) > self.bm.num_blocks - len(held):
+            return False  # not even with every other group gone: do not preempt them for nothing
+        while not self.bm.can_fork_many(ids):
+            others = [g for g in self.running if g is not group and g.status is GroupStatus.RUNNING]
+            if not others:
+                return False
+            victim = self._pick(others)
+            self.running.remove(victim)
+            self._preempt(victim, out, swap=False)
+        return True
+
+    def requeue(self, group: SequenceGroup, out: SchedulerOutput) -> None:
+        """Preempt a running group by recompute (its live sequences must hold KV)."""
+        self.running.remove(group)
+        self._preempt(group, out, swap=False)
 
     # -- one step ---------------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:

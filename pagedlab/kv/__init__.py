@@ -1,7 +1,7 @@
 """KV-cache memory manager: paged (PagedAttention) and contiguous allocators, plain Python, no torch."""
 
 from .allocators import ALLOCATORS
-from .block_manager import BlockManager, make_block_manager
+from .block_manager import BlockManager
 from .block_pool import ORDERS
 from .errors import KVCacheError
 from .stats import AllocStatus, KVStats, WasteBreakdown
@@ -14,5 +14,4 @@ __all__ = [
     "KVCacheError",
     "KVStats",
     "WasteBreakdown",
-    "make_block_manager",
 ]

@@ -64,7 +64,7 @@ class Accounting:
             logical_blocks=self._logical,
             largest_free_run=largest,
             cached_blocks=cached,
-            swapped_blocks=self.num_swap_blocks - len(self._swap.pool.free),  # type: ignore[attr-defined]
+            swapped_blocks=self._swap.used_blocks(),  # type: ignore[attr-defined]
             cow_copies=self._cow_copies,
             prefix_hit_tokens=self._hit_tokens,
             prefix_query_tokens=self._query_tokens,

@@ -43,11 +43,6 @@ RESERVATION_RULES: dict[str, ReservationRule] = {
 }
 
 
-def reservation_slots(allocator: str, final_len: int, max_model_len: int | None) -> int:
-    """Slots one sequence reserves up front under the named contiguous policy."""
-    return RESERVATION_RULES.get(allocator, reserve_oracle)(final_len, max_model_len)
-
-
 def first_fit(starts: Sequence[int], length: Mapping[int, int], n: int) -> int | None:
     """The lowest run that holds ``n`` blocks."""
     for s in starts:
@@ -64,9 +59,6 @@ def best_fit(starts: Sequence[int], length: Mapping[int, int], n: int) -> int | 
         if ln >= n and (best is None or ln < length[best]):
             best = s
     return best
-
-
-PLACEMENT_RULES: dict[str, PlacementRule] = {"first_fit": first_fit, "best_fit": best_fit}
 
 
 class FreeRuns:

@@ -4,7 +4,7 @@ Fork with copy-on-write (or eager copies), swap space on a host pool, prefix cac
 chained hash of full blocks, and O(1) memory accounting (see docs/metrics.md for the metrics).
 
 ``BlockManager(...)`` is the one entry point: it validates the arguments and returns the class
-composed for them (``make_block_manager`` is the same call). The parts, one module each:
+composed for them. The parts, one module each:
 
 * ``block_pool``: physical blocks with reference counts, free queue and LRU of cached blocks.
 * ``paged``: paged block tables (allocate, append, free, fork with eager copies).
@@ -108,33 +108,10 @@ class BlockManager(Accounting):
     ``BlockManager(...)`` returns an instance of the subclass composed for the arguments.
     """
 
-    def __new__(  # noqa: PYI034
-        cls,
-        num_blocks: int,
-        block_size: int,
-        *,
-        allocator: str = "paged",
-        order: str = "lifo",
-        cow: bool = True,
-        prefix_cache: bool = False,
-        num_swap_blocks: int = 0,
-        max_model_len: int | None = None,
-        watermark_blocks: int = 0,
-        **policy: object,
-    ) -> BlockManager:
-        impl = cls
-        if cls is BlockManager:
-            _validate(
-                num_blocks,
-                block_size,
-                allocator,
-                order,
-                prefix_cache,
-                num_swap_blocks,
-                max_model_len,
-                watermark_blocks,
-            )
-            impl = implementation(allocator, bool(cow), bool(prefix_cache))
+    def __new__(cls, *args: object, **kwargs: object) -> BlockManager:  # noqa: PYI034
+        """``BlockManager(...)`` builds the class composed for its arguments (checked in ``__init__``)."""
+        impl = cls if cls is not BlockManager else implementation(
+            str(kwargs.get("allocator", "paged")), bool(kwargs.get("cow", True)), bool(kwargs.get("prefix_cache", False)))
         return object.__new__(impl)
 
     def __init__(
@@ -362,8 +339,3 @@ class BlockManager(Accounting):
     def free_blocks_in_eviction_order(self) -> list[int]:
         """Every device block a new allocation could take, in the order it would take them."""
         raise NotImplementedError
-
-
-def make_block_manager(num_blocks: int, block_size: int, **kwargs: object) -> BlockManager:
-    """Same as ``BlockManager(num_blocks, block_size, **kwargs)``."""
-    return BlockManager(num_blocks, block_size, **kwargs)  # type: ignore[arg-type]
