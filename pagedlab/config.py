@@ -1,21 +1,18 @@
 """Config schema (dataclasses in Hydra's ConfigStore), validation and the config dir locator.
 
 Types are checked by OmegaConf while Hydra composes; choices, ranges and cross-field rules are
-checked by :func:`validate` (composed config) and :func:`check_overrides` (command-line
-overrides, before Hydra creates any directory); the checks that need the model's shapes, the KV
-budget, the device or the trace file are :func:`pagedlab.app.checks.check_plan`. Every message names the field,
+checked by :func:`validate` (composed config) and :func:`pagedlab.overrides.check_overrides`
+(command-line overrides, before Hydra creates any directory); the checks that need the model's
+shapes, the KV budget, the device or the trace file are :func:`pagedlab.app.checks.check_plan`. Every message names the field,
 the value and what is allowed.
 """
 
 from __future__ import annotations
 
-import difflib
 import math
-import types
 import typing
 from collections.abc import Callable
-from dataclasses import dataclass, field, is_dataclass
-from functools import cache
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -258,11 +255,11 @@ RULES: dict[str, Rule] = {
 }
 
 
-def _bad(key: str, value: Any, allowed: str) -> str:
-    return f"{key}={_show(value)} is not allowed: expected {allowed}"
+def not_allowed(key: str, value: Any, allowed: str) -> str:
+    return f"{key}={show_value(value)} is not allowed: expected {allowed}"
 
 
-def _show(value: Any) -> str:
+def show_value(value: Any) -> str:
     if value is None:
         return "null"
     if isinstance(value, bool):
@@ -280,7 +277,7 @@ def check_value(key: str, value: Any) -> str | None:
         good = bool(ok(value))
     except (TypeError, ValueError, AttributeError):
         good = False
-    return None if good else _bad(key, value, allowed)
+    return None if good else not_allowed(key, value, allowed)
 
 
 def validate(cfg: DictConfig) -> None:
@@ -339,7 +336,7 @@ def _length_problems(cfg: DictConfig) -> list[str]:
         return []  # reported by the rules above
     errors = []
     if p + o > mml:
-        errors.append(f"workload.prompt_len={_show(w.prompt_len)} with workload.output_len={_show(w.output_len)} is "
+        errors.append(f"workload.prompt_len={show_value(w.prompt_len)} with workload.output_len={show_value(w.output_len)} is "
                       f"not allowed with max_model_len={mml}: workload={w.name} draws up to {p} + {o} = {p + o} "
                       f"tokens; expected prompt_len {end} + output_len {end} <= max_model_len (lower them or "
                       f"raise max_model_len)")
@@ -348,118 +345,6 @@ def _length_problems(cfg: DictConfig) -> list[str]:
         errors.append(f"workload.shared_prefix_len={spl} is not allowed with max_model_len={mml}: expected at most "
                       f"{mml - 2} (the prefix, one prompt token and one output token must fit)")
     return errors
-
-
-# --------------------------------------------------------------------------- overrides
-def _schema_field(key: str) -> tuple[type | None, str | None, list[str]]:
-    """(owning dataclass, field name, allowed names) for a dotted key; field None if unknown."""
-    owner: type = PagedLabConfig
-    parts = key.split(".")
-    for i, part in enumerate(parts):
-        hints = typing.get_type_hints(owner)
-        if part not in hints:
-            return owner, None, list(hints)
-        tp = hints[part]
-        if i == len(parts) - 1:
-            return owner, part, list(hints)
-        if not is_dataclass(tp):
-            return owner, None, []
-        owner = tp
-    return owner, None, []
-
-
-@cache
-def _group_choices(group: str) -> tuple[str, ...]:
-    return tuple(sorted(p.stem for p in (config_dir() / group).glob("*.yaml")))
-
-
-def _suggest(word: str, options: list[str] | tuple[str, ...]) -> str:
-    close = difflib.get_close_matches(word, list(options), n=1)
-    return f" (did you mean '{close[0]}'?)" if close else ""
-
-
-def _values(override: Any) -> list[Any]:
-    """The concrete values of an override (one, or each of a choice/range sweep); [] if open."""
-    if not override.is_sweep_override():
-        return [override.value()]
-    if override.value_type is not None and override.value_type.name in (
-            "CHOICE_SWEEP", "SIMPLE_CHOICE_SWEEP", "RANGE_SWEEP"):
-        return list(override.sweep_iterator())
-    return []
-
-
-def check_overrides(overrides: list[str]) -> list[str]:
-    """Messages for command-line overrides that cannot work, without composing anything.
-
-    Checks group choices against ``conf/<group>/*.yaml``, dotted keys against the schema, and
-    values against their type and :data:`RULES`. Hydra's own keys and ``+key`` for :data:`EXTRA_KEYS`
-    pass; any other ``+key`` must be a schema key.
-    """
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import OverrideParseException
-
-    try:
-        parsed = OverridesParser.create().parse_overrides(list(overrides))
-    except OverrideParseException as exc:
-        return [str(exc)]
-    errors: list[str] = []
-    for ov in parsed:
-        key = ov.key_or_group
-        if key.split(".")[0].split("/")[0] == "hydra" or ov.is_delete() or ov.package is not None:
-            continue
-        values = _values(ov)
-        if key == "experiment" and not (ov.is_add() or ov.is_force_add()):
-            errors.append(f"experiment={_show(values[0]) if values else '...'} is not allowed: a study is added, "
-                          f"not chosen; expected +experiment={_show(values[0]) if values else 'NAME'}")
-            continue
-        if key in GROUPS or key == "experiment":
-            choices = _group_choices(key)
-            for v in values:
-                if not isinstance(v, str) or v not in choices:
-                    errors.append(f"{key}={_show(v)} is not allowed: expected one of "
-                                  f"{', '.join(choices)}{_suggest(str(v), choices)}")
-            continue
-        if (ov.is_add() or ov.is_force_add()) and key in EXTRA_KEYS:
-            continue
-        owner, name, allowed = _schema_field(key)
-        if name is None:
-            where = key.rsplit(".", 1)[0] + "." if "." in key else ""
-            keys = f": expected one of {where}{{{', '.join(allowed)}}}" if allowed else ""
-            errors.append(f"{key}={_show(values[0]) if values else '...'} is not allowed: '{key}' is not a "
-                          f"config key{keys}{_suggest(key.split('.')[-1], allowed)}")
-            continue
-        for v in values:
-            msg = _typed_check(owner, name, key, v)
-            if msg:
-                errors.append(msg)
-    return errors
-
-
-def _typed_check(owner: type, name: str, key: str, value: Any) -> str | None:
-    if isinstance(value, str) and "${" in value:
-        return None  # an interpolation: checked by validate() once composed
-    node = OmegaConf.structured(owner)
-    try:
-        node[name] = value
-    except Exception:  # noqa: BLE001 - OmegaConf raises several validation types
-        tp = typing.get_type_hints(owner)[name]
-        return _bad(key, value, _describe(tp))
-    return check_value(key, node[name])
-
-
-def _describe(tp: Any) -> str:
-    args = typing.get_args(tp)
-    if typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args:
-        return _describe(next(a for a in args if a is not type(None))) + " or null"
-    if tp is bool:
-        return "true or false"
-    if tp is int:
-        return "an integer"
-    if tp is float:
-        return "a number"
-    if typing.get_origin(tp) is list:
-        return f"a list of {_describe(args[0]).removeprefix('an ').removeprefix('a ')}s"
-    return getattr(tp, "__name__", str(tp))
 
 
 def schema_defaults() -> dict[str, Any]:
@@ -474,7 +359,6 @@ __all__ = [
     "VERSION_BASE",
     "ConfigError",
     "PagedLabConfig",
-    "check_overrides",
     "check_value",
     "config_dir",
     "effective_sampling",

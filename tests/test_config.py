@@ -11,6 +11,7 @@ from omegaconf import OmegaConf
 
 import pagedlab.config as C
 from pagedlab.app.api import compose, compose_with_choices, format_override
+from pagedlab.overrides import check_overrides
 
 CONF = C.config_dir()
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -77,7 +78,7 @@ def test_experiments_compose_and_their_sweeps_are_valid(name: str) -> None:
     assert text.startswith("# @package _global_")
     cfg = compose(f"+experiment={name}")
     params = yaml.safe_load(text)["hydra"]["sweeper"]["params"]
-    assert params and C.check_overrides([f"{k}={v}" for k, v in params.items()]) == []
+    assert params and check_overrides([f"{k}={v}" for k, v in params.items()]) == []
     for key, values in params.items():  # each sweep point composes on top of the experiment
         compose(f"+experiment={name}", f"{key}={values.split(',')[-1]}")
     assert cfg.logger.name == "wandb"
@@ -111,7 +112,7 @@ BAD = [  # override, words the message must contain
 
 @pytest.mark.parametrize(("override", "words"), BAD)
 def test_bad_overrides_name_field_value_and_allowed(override: str, words: list[str]) -> None:
-    errors = C.check_overrides([override])
+    errors = check_overrides([override])
     assert len(errors) == 1, errors
     for w in words:
         assert w in errors[0], (w, errors[0])
@@ -128,7 +129,7 @@ def test_bad_overrides_name_field_value_and_allowed(override: str, words: list[s
     "model.forward=hf",
 ])
 def test_good_overrides_pass(override: str) -> None:
-    assert C.check_overrides([override]) == []
+    assert check_overrides([override]) == []
 
 
 def test_validate_checks_a_composed_config_and_reports_every_problem() -> None:

@@ -26,10 +26,10 @@ from pagedlab.config import (
     GROUPS,
     VERSION_BASE,
     ConfigError,
-    check_overrides,
     config_dir,
 )
 from pagedlab.experiment import run_experiment
+from pagedlab.overrides import check_overrides
 
 
 def _flat_overrides(overrides: Sequence[Any]) -> list[str]:

@@ -8,7 +8,8 @@ from collections.abc import Callable, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
-from pagedlab.config import ConfigError, check_overrides
+from pagedlab.config import ConfigError
+from pagedlab.overrides import check_overrides
 
 MAX_LISTED = 20  # bad points shown in full; the rest are counted
 
