@@ -19,7 +19,13 @@ from pagedlab.cfg_access import cfg_get
 from pagedlab.executors.base import ModelInput, StepInput, StepOutput
 from pagedlab.kernels import KVCache, build_metadata, get_kernel
 from pagedlab.models.hf_adapter import HFModel, resolve_dtype
-from pagedlab.models.presets import GIB, ModelSpec, num_blocks_in_budget, spec_from_hf_config
+from pagedlab.models.presets import (
+    GIB,
+    ModelSpec,
+    max_blocks_per_layer,
+    num_blocks_in_budget,
+    spec_from_hf_config,
+)
 
 CPU_BUDGET_BYTES = 1 << 28  # 0.25 GiB of KV when running on the CPU with no budget given
 
@@ -27,10 +33,48 @@ CPU_BUDGET_BYTES = 1 << 28  # 0.25 GiB of KV when running on the CPU with no bud
 num_blocks_from_budget = num_blocks_in_budget  # the one sizing rule (docs/metrics.md), shared with the simulator
 
 
+def reserved_bytes(spec: ModelSpec, kernel: str, max_num_batched_tokens: int = 8192, max_num_seqs: int = 256,
+                   max_model_len: int = 2048) -> int:
+    """Device memory the engine uses outside the KV pool and the weights, at most, for this config:
+
+    - torch_gather: its gather workspace (decode chunks up to CHUNK_BYTES, or one whole
+      max_model_len sequence for a prefill over a cached prefix; it only grows), the K/V of such a
+      prefill with its heads repeated on CUDA, and one masked prefill call's scores and mask;
+    - triton: the split-decode buffers (m, l, acc in fp32 for every sequence, head and split);
+    - activations of a step of max_num_batched_tokens tokens (hidden states, q/k/v, attention output,
+      the MLP's three intermediates, twice for the allocator's overlap between layers) and the fp32
+      last-token logits.
+    """
+    from pagedlab.kernels import torch_gather, triton_backend
+
+    tokens, seqs, ctx = max_num_batched_tokens, max_num_seqs, max_model_len
+    b = spec.dtype_bytes
+    token_kv = 2 * spec.num_kv_heads * spec.head_dim * b  # one layer
+    if kernel == "triton":
+        splits = -(-ctx // triton_backend.MIN_SPLIT_TOKENS)
+        kernel_bytes = seqs * spec.num_heads * splits * (spec.head_dim + 2) * 4
+    else:
+        workspace = max(min(torch_gather.CHUNK_BYTES["cuda"], seqs * ctx * token_kv), ctx * token_kv)
+        repeated = 2 * ctx * spec.num_heads * spec.head_dim * b
+        kernel_bytes = workspace + repeated + 2 * torch_gather.PREFILL_SCORE_BYTES
+    width = 4 * spec.hidden_size + 2 * (spec.num_heads + spec.num_kv_heads) * spec.head_dim \
+        + 3 * spec.intermediate_size
+    activations = 2 * tokens * width * b + 2 * seqs * spec.vocab_size * 4
+    return int(kernel_bytes + activations)
+
+
 def default_budget_bytes(device: torch.device, free_before: int, utilization: float, weight_bytes: int,
-                         cpu_budget_bytes: float = CPU_BUDGET_BYTES) -> float:
-    """A serving engine's KV budget: on CUDA free memory before loading x utilization - weights."""
-    return free_before * utilization - weight_bytes if device.type == "cuda" else cpu_budget_bytes
+                         cpu_budget_bytes: float = CPU_BUDGET_BYTES, reserved: int = 0) -> float:
+    """A serving engine's KV budget: on CUDA free memory before loading x utilization - weights -
+    `reserved` (memory used outside the KV pool, see `reserved_bytes`)."""
+    if device.type != "cuda":
+        return cpu_budget_bytes
+    return free_before * utilization - weight_bytes - reserved
+
+
+def cap_blocks(num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int) -> int:
+    """`num_blocks`, at most `max_blocks_per_layer` (a layer's pool under 2^31 elements)."""
+    return min(num_blocks, max_blocks_per_layer(block_size, num_kv_heads, head_dim))
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -56,7 +100,8 @@ def load_model(name_or_path: str | None, dtype: str | torch.dtype, device: torch
 class TorchExecutor:
     """Runs steps on a real model. `num_blocks=None` derives the block count from a byte budget:
     `budget_bytes` if given, else on CUDA `free memory before loading * gpu_memory_utilization -
-    weights`, else `CPU_BUDGET_BYTES`.
+    weights - reserved_bytes(...)`, else `CPU_BUDGET_BYTES`; a derived count is capped so that one
+    layer's pool stays under 2^31 elements.
     """
 
     time_source = "wall"
@@ -74,6 +119,9 @@ class TorchExecutor:
         budget_bytes: int | None = None,
         gpu_memory_utilization: float = 0.9,
         seed: int = 0,
+        max_num_batched_tokens: int = 8192,
+        max_num_seqs: int = 256,
+        max_model_len: int = 2048,
         model: HFModel | Any | None = None,
         forward: str = "auto",
     ) -> None:
@@ -88,10 +136,17 @@ class TorchExecutor:
             raise ValueError("kernel=triton on the CPU runs under Triton's interpreter, which has no bfloat16")
         self.block_size = block_size
         if num_blocks is None:
+            m = self.model
             if budget_bytes is None:
+                reserved = 0
+                if self.device.type == "cuda":
+                    spec = spec_from_hf_config(m.model.config.get_text_config(), "model",
+                                               str(m.dtype).removeprefix("torch."))
+                    reserved = reserved_bytes(spec, kernel, max_num_batched_tokens, max_num_seqs, max_model_len)
                 budget_bytes = default_budget_bytes(self.device, free_before, gpu_memory_utilization,
-                                                    self.model.weight_bytes)
+                                                    m.weight_bytes, reserved=reserved)
             num_blocks = num_blocks_from_budget(budget_bytes, block_size, self.kv_bytes_per_token)
+            num_blocks = cap_blocks(num_blocks, block_size, m.num_kv_heads, m.head_dim)
         if num_blocks < 1:
             raise ValueError(f"KV budget {budget_bytes} bytes holds no block of {block_size} tokens "
                              f"({self.kv_bytes_per_token} bytes per token)")
@@ -164,10 +219,19 @@ def load_for_engine(cfg: Any) -> EngineParts:
                        forward=get("model.forward", "auto"))
     dtype_name = str(model.dtype).removeprefix("torch.")
     spec = spec_from_hf_config(model.model.config.get_text_config(), path or name, dtype_name)
+    reserved = reserved_bytes(spec, kernel, int(get("max_num_batched_tokens", 8192)),
+                              int(get("max_num_seqs", 256)), int(get("max_model_len", 2048)))
     budget = default_budget_bytes(device, free_before, float(get("kv_cache.gpu_memory_utilization", 0.9)),
-                                  model.weight_bytes, float(get("kv_cache.cpu_budget_gib", CPU_BUDGET_BYTES / GIB)) * GIB)
-    what = ("free device memory x kv_cache.gpu_memory_utilization - weights" if device.type == "cuda"
-            else "kv_cache.cpu_budget_gib")
+                                  model.weight_bytes, float(get("kv_cache.cpu_budget_gib", CPU_BUDGET_BYTES / GIB)) * GIB,
+                                  reserved=reserved)
+    what = ("free device memory x kv_cache.gpu_memory_utilization - weights - workspace and activations"
+            if device.type == "cuda" else "kv_cache.cpu_budget_gib")
+    if device.type == "cuda":  # whole blocks under 2^31 elements per layer (byte budget, as the sizing rule takes)
+        block_size = int(get("block_size", 16))
+        cap = max_blocks_per_layer(block_size, spec.num_kv_heads, spec.head_dim)
+        if budget > cap * block_size * spec.kv_bytes_per_token:
+            budget = cap * block_size * spec.kv_bytes_per_token
+            what += f" (capped at {cap} blocks: one layer's pool under 2^31 elements)"
     eos = getattr(model.model.generation_config, "eos_token_id", None) or model.model.config.eos_token_id
     if isinstance(eos, (list, tuple)):
         eos = eos[0] if eos else None
