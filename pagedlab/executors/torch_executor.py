@@ -8,6 +8,7 @@ new tokens. Returns each sequence's last-token logits (fp32) and the step's meas
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -77,11 +78,38 @@ def cap_blocks(num_blocks: int, block_size: int, num_kv_heads: int, head_dim: in
     return min(num_blocks, max_blocks_per_layer(block_size, num_kv_heads, head_dim))
 
 
+_warned: set[str] = set()
+
+
+def warn_once(message: str) -> None:
+    """A RuntimeWarning, at most once per process per message."""
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+AUTO_CPU_WARNING = ("pagedlab: device=auto found no CUDA device ({why}); running on the CPU, which is far "
+                    "slower. Set device=cpu to silence this, or device=cuda to require a GPU.")
+TRITON_CPU_WARNING = ("pagedlab: kernel=triton on the CPU runs Triton's interpreter (TRITON_INTERPRET=1): "
+                      "a few tokens per second, for tests and small fp32 shapes only; use kernel=torch_gather "
+                      "on the CPU, or a CUDA device.")
+
+
 def resolve_device(device: str | torch.device) -> torch.device:
-    """"auto" -> cuda when available, else cpu."""
+    """"auto" -> cuda when available, else cpu (with a warning, once)."""
     if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        why = "this torch is a CPU-only build" if torch.version.cuda is None else "none is visible"
+        warn_once(AUTO_CPU_WARNING.format(why=why))
+        return torch.device("cpu")
     return torch.device(device)
+
+
+def warn_triton_on_cpu(kernel: str, device: torch.device) -> None:
+    """kernel=triton off CUDA: say (once) that it runs Triton's slow interpreter."""
+    if kernel == "triton" and device.type != "cuda":
+        warn_once(TRITON_CPU_WARNING)
 
 
 def load_model(name_or_path: str | None, dtype: str | torch.dtype, device: torch.device, seed: int,
@@ -128,6 +156,7 @@ class TorchExecutor:
         self.device = resolve_device(device)
         self.kernel_name = kernel
         self.kernel = get_kernel(kernel)
+        warn_triton_on_cpu(kernel, self.device)
         free_before = torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" else 0
         if model is None:
             model = load_model(name_or_path, dtype, self.device, seed, forward)
@@ -214,6 +243,7 @@ def load_for_engine(cfg: Any) -> EngineParts:
                          "id); shape presets without weights run with executor=sim")
     device = resolve_device(get("device", "auto"))
     kernel = get("kernel.name", "torch_gather")
+    warn_triton_on_cpu(kernel, device)
     free_before = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 0
     model = load_model(path or name, get("model.dtype", "auto"), device, seed=0,
                        forward=get("model.forward", "auto"))
