@@ -208,12 +208,15 @@ def _tiny_model_dir() -> str:
     return str(save_tiny_model(tempfile.mkdtemp(prefix="pagedlab_smoke_") + "/llama", "llama", seed=0))
 
 
-ENGINE_MODES = {  # config overrides of each end-to-end mode
-    "greedy": [],
-    "sampling": ["workload.n=3", "sampling.temperature=1.0", "sampling.top_k=50", "sampling.top_p=0.9",
-                 "sampling.seed=7"],
-    "beam": ["workload.beam_width=3", "workload.num_requests=3"],
-    "swap": ["kv_cache.num_blocks=6", "kv_cache.budget_gib=null", "eviction.mode=swap"],
+ENGINE_BASE = {"executor": "torch", "model": "hf", "model.dtype": "float32", "max_model_len": "256",
+               "kv_cache.budget_gib": "0.01", "workload.num_requests": "6", "workload.prompt_len": "[4,40]",
+               "workload.output_len": "[2,20]"}
+ENGINE_MODES = {  # config overrides of each end-to-end mode, on top of ENGINE_BASE
+    "greedy": {},
+    "sampling": {"workload.n": "3", "sampling.temperature": "1.0", "sampling.top_k": "50", "sampling.top_p": "0.9",
+                 "sampling.seed": "7"},
+    "beam": {"workload.beam_width": "3", "workload.num_requests": "3"},
+    "swap": {"kv_cache.num_blocks": "6", "max_model_len": "64", "eviction.mode": "swap"},  # 96 slots: preempts
 }
 
 
@@ -221,10 +224,9 @@ def _engine_run(kernel: str, mode: str, device: str):
     from pagedlab import compose
     from pagedlab.experiment import run_experiment
 
-    cfg = compose(["executor=torch", "model=hf", f"model.name_or_path={_tiny_model_dir()}", "model.dtype=float32",
-                   f"device={device}", f"kernel={kernel}", "max_model_len=256", "kv_cache.budget_gib=0.01",
-                   "workload.num_requests=6", "workload.prompt_len=[4,40]", "workload.output_len=[2,20]",
-                   *ENGINE_MODES[mode]])
+    over = {**ENGINE_BASE, "model.name_or_path": _tiny_model_dir(), "device": device, "kernel": kernel,
+            **ENGINE_MODES[mode]}
+    cfg = compose([f"{k}={v}" for k, v in over.items()])
     result = run_experiment(cfg, progress=False)
     df = result.requests
     got = {rid: [list(t) for t in rows.sort_values("seq_index").output_token_ids]
