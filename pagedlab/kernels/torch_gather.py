@@ -12,6 +12,13 @@ context length and cut into chunks whose gathered K/V fit a reusable workspace (
 is one `index_select` of whole blocks plus one SDPA call with a padding mask. The query heads of a
 KV group are packed into SDPA's query-length axis ([B, kv_heads, group, D]), so no K/V head is
 repeated. Prefill sequences loop; one without cached prefix attends to its own new K/V directly.
+
+Prefill on CUDA (see `_prefill_plan`): SDPA's flash and memory-efficient backends do not take
+`enable_gqa` with every dtype and mask, and its math fallback materialises an fp32 [H, q, ctx] score
+matrix (32 GiB at 8k x 32k). So on CUDA the K/V heads of a GQA prefill are repeated to the query
+heads (no `enable_gqa`), and a masked prefill (cached prefix, sliding window) runs in query chunks
+whose mask and worst-case score matrix stay under PREFILL_SCORE_BYTES. The CPU keeps `enable_gqa`
+and one call per sequence (its SDPA handles both without a score-matrix blow-up and is faster so).
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import torch.nn.functional as F
 from pagedlab.kernels.metadata import PagedMetadata
 
 CHUNK_BYTES = {"cpu": 16 << 20, "cuda": 1 << 30}  # gathered K+V per decode chunk
+PREFILL_SCORE_BYTES = 256 << 20  # CUDA: fp32 scores [H, q_chunk, ctx] of one masked prefill call, at most
 VIEW_MIN_TOKENS = 256  # a run of consecutive slots this long is read in place, not gathered
 _workspace: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
@@ -118,14 +126,31 @@ def _decode_plan(meta: PagedMetadata, kv: torch.Tensor, window: int | None) -> t
     return plan
 
 
-def _prefill_mask(qlen: int, ctx: int, window: int | None, device: torch.device) -> torch.Tensor:
-    """[qlen, ctx] bool: query i (position ctx - qlen + i) sees keys j <= its position."""
-    qpos = torch.arange(ctx - qlen, ctx, device=device).view(-1, 1)
+def _prefill_mask(qlen: int, ctx: int, window: int | None, device: torch.device,
+                  start: int = 0, stop: int | None = None) -> torch.Tensor:
+    """[stop - start, ctx] bool (rows start..stop of the [qlen, ctx] mask): query i (position
+    ctx - qlen + i) sees keys j <= its position."""
+    stop = qlen if stop is None else stop
+    qpos = torch.arange(ctx - qlen + start, ctx - qlen + stop, device=device).view(-1, 1)
     kpos = torch.arange(ctx, device=device)
     mask = kpos <= qpos
     if window is not None:
         mask &= kpos > qpos - window
     return mask
+
+
+def _prefill_plan(device: torch.device, heads: int, group: int, qlen: int, ctx: int,
+                  masked: bool) -> tuple[bool, int]:
+    """(repeat K/V heads instead of `enable_gqa`, query rows per SDPA call) for one prefill sequence.
+
+    CPU: (False, qlen), one packed-GQA call. CUDA: repeat the heads of a GQA group (the flash and
+    memory-efficient backends then apply), and with a mask cut the query so that the fp32 scores a
+    math fallback would hold, [heads, rows, ctx], stay under PREFILL_SCORE_BYTES.
+    """
+    if device.type != "cuda":
+        return False, qlen
+    rows = qlen if not masked else max(1, min(qlen, PREFILL_SCORE_BYTES // (4 * heads * ctx)))
+    return group > 1, rows
 
 
 def attention(
@@ -160,15 +185,22 @@ def attention(
         r0, r1 = meta.query_start_list[s], meta.query_start_list[s + 1]
         qlen, ctx = r1 - r0, meta.context_lens_list[s]
         q = query[r0:r1].transpose(0, 1).unsqueeze(0)
-        if ctx == qlen and (sliding_window is None or ctx <= sliding_window):
-            k, v, mask = key[r0:r1], value[r0:r1], None
+        masked = not (ctx == qlen and (sliding_window is None or ctx <= sliding_window))
+        if not masked:
+            k, v = key[r0:r1], value[r0:r1]
         else:
             blocks = meta.block_tables[s, : -(-ctx // bs)].long()
             k, v = _gather(kv, blocks)[:, :ctx].to(query.dtype).unbind(0)
-            mask = _prefill_mask(qlen, ctx, sliding_window, query.device)
-        o = F.scaled_dot_product_attention(
-            q, k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0),
-            attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=group > 1,
-        )
-        out[r0:r1] = o[0].transpose(0, 1)
+        repeat, rows = _prefill_plan(query.device, heads, group, qlen, ctx, masked)
+        k, v = k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0)
+        if repeat:  # [1, heads, ctx, D]: query head h reads K/V head h // group, as enable_gqa would
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        for a in range(0, qlen, rows):
+            b = min(qlen, a + rows)
+            mask = _prefill_mask(qlen, ctx, sliding_window, query.device, a, b) if masked else None
+            o = F.scaled_dot_product_attention(
+                q[:, :, a:b], k, v, attn_mask=mask, is_causal=not masked, scale=scale,
+                enable_gqa=group > 1 and not repeat,
+            )
+            out[r0 + a : r0 + b] = o[0].transpose(0, 1)
     return out

@@ -71,6 +71,14 @@ class HardwareSpec:
     step_overhead_s: float = 2e-3  # scheduling, kernel launches, sampling per engine step
 
 
+MAX_LAYER_ELEMENTS = 2**31 - 1  # one layer's pool [2, blocks, block_size, kv_heads, D] stays int32-indexable
+
+
+def max_blocks_per_layer(block_size: int, num_kv_heads: int, head_dim: int) -> int:
+    """The most blocks a layer's pool may hold with at most MAX_LAYER_ELEMENTS elements (K and V)."""
+    return MAX_LAYER_ELEMENTS // (2 * block_size * num_kv_heads * head_dim)
+
+
 def num_blocks_in_budget(budget_bytes: float, block_size: int, kv_bytes_per_token: int) -> int:
     """`floor(budget_bytes / (block_size * kv_bytes_per_token))`: blocks a KV byte budget holds."""
     return math.floor(budget_bytes / (block_size * kv_bytes_per_token))
