@@ -15,7 +15,7 @@ from pagedlab.bench import gpu
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")
 def test_smoke_without_cuda_exits_nonzero_with_a_clear_message():
     proc = subprocess.run([sys.executable, "-m", "pagedlab.bench.gpu", "--smoke"], capture_output=True, text=True,
-                          timeout=300)
+                          timeout=300, check=False)
     assert proc.returncode != 0
     assert "FAIL cuda build and device: no CUDA device" in proc.stdout
     assert proc.stdout.count("\n") == 3  # the check, why it stopped, the total: nothing else ran

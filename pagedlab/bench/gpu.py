@@ -18,7 +18,6 @@ is no CUDA device.
 from __future__ import annotations
 
 import argparse
-import math
 import random
 import sys
 import tempfile
@@ -154,8 +153,8 @@ def check_kernel_matrix(kernel: str, dtype: torch.dtype, bs: int, device: str = 
             if not err <= worst:  # NaN counts as worst
                 worst, where = err, f"dim {dim} group {group}"
     ok = worst <= TOLERANCE[dtype]
-    return ok, f"max err {worst:.2e} (tol {TOLERANCE[dtype]:.0e}, worst at {where or '-'}), " \
-               f"{len(dims) * len(groups)} shapes"
+    return ok, (f"max err {worst:.2e} (tol {TOLERANCE[dtype]:.0e}, worst at {where or '-'}), "
+                f"{len(dims) * len(groups)} shapes")
 
 
 def check_split_decode(kernel: str, device: str = "cuda") -> tuple[bool, str]:
