@@ -10,6 +10,11 @@ each recorded launch is compiled ahead of time to a cubin for Hopper (sm_90, the
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -22,8 +27,6 @@ from pagedlab.kernels import triton_backend
 
 TARGETS = {"sm90": GPUTarget("cuda", 90, 32), "sm80": GPUTarget("cuda", 80, 32)}
 SHARED_LIMIT = {"sm90": 227 << 10, "sm80": 163 << 10}  # bytes of shared memory one block may use
-DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int32: "i32",
-          torch.int64: "i64"}
 
 
 class _Recorder:
@@ -43,34 +46,52 @@ class _Recorder:
         return Launcher()
 
 
-def _signature(fn, args: tuple, kw: dict) -> tuple[dict, dict]:
-    """Triton signature and constexprs of one launch, typed from its Python values."""
-    values = dict(zip(fn.arg_names, args)) | kw
-    sig, consts = {}, {}
-    for i, name in enumerate(fn.arg_names):
-        v = values[name]
-        if fn.params[i].is_constexpr:
-            sig[name], consts[name] = "constexpr", v
-        elif isinstance(v, torch.Tensor):
-            sig[name] = "*" + DTYPES[v.dtype]
-        elif isinstance(v, bool):
-            sig[name] = "i1"
-        elif isinstance(v, int):
-            sig[name] = "i32" if -(2**31) <= v < 2**31 else "i64"
-        else:
-            sig[name] = "fp32"
-    return sig, consts
+def specialize(fn, args: tuple, kw: dict, target) -> tuple:
+    """What the runtime compiles for this launch: `JITFunction.run`'s own binder and `_pack_args`, with
+    the CUDA backend of `target`, give the signature, constexprs, the attributes Triton infers from the
+    values (divisibility by 16 of pointers and ints, ints equal to 1) and the options. Also the cache
+    key under which `run` looks the variant up, so tests can count variants."""
+    from triton.compiler import make_backend
+    from triton.runtime.jit import compute_cache_key, create_function_from_signature
+
+    backend = make_backend(target)
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound, spec, options = binder(*args, **kw)
+    key = compute_cache_key({}, spec, options)
+    options, sig, consts, attrs = fn._pack_args(backend, kw, bound, spec, options)
+    return sig, consts, attrs, options, key
 
 
-def record_launches(dtype, dim, group, bs, splits, monkeypatch) -> list:
-    """The kernel launches of one attention call over a mixed decode + prefill batch."""
+def compile_launch(fn, args: tuple, kw: dict, target):
+    """Compile one recorded launch ahead of time exactly as `kernel[grid](*args, **kw)` would on `target`."""
+    sig, consts, attrs, options, _ = specialize(fn, args, kw, target)
+    src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
+    return triton.compile(src, target=target, options=options.__dict__)
+
+
+def record_launches(dtype, dim, group, bs, splits, qdtype=None) -> list:
+    """The kernel launches of one attention call over a mixed decode + prefill batch (K/V pool in
+    `dtype`, queries in `qdtype`, by default the same)."""
     kv, meta, q, k, v, *_ = make_batch([1, 1, 1, 40], [1, 7, 100, 300], bs, 2, group, dim)
-    kv, q, k, v = (t.to(dtype) for t in (kv, q, k, v))
+    kv, k, v = (t.to(dtype) for t in (kv, k, v))
+    q = q.to(qdtype or dtype)
     launches: list = []
     real = triton_backend.kernels(torch.device("cuda"))  # compiled-mode module; loading needs no GPU
-    monkeypatch.setattr(triton_backend, "kernels", lambda device: _Recorder(real, launches))
-    triton_backend.attention(q, k, v, kv, meta, dim**-0.5, num_splits=splits)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(triton_backend, "kernels", lambda device: _Recorder(real, launches))
+        triton_backend.attention(q, k, v, kv, meta, dim**-0.5, num_splits=splits)
     return launches
+
+
+def compile_case(dtype, dim, group, bs, splits, target, qdtype=None) -> dict:
+    """Compile every launch of one case for `target` (a key of TARGETS); bytes of shared memory by kernel."""
+    launches = record_launches(dtype, dim, group, bs, splits, qdtype)
+    shared = {}
+    for fn, _grid, args, kw in launches:
+        compiled = compile_launch(fn, args, kw, TARGETS[target])
+        assert compiled.asm["cubin"], fn.__name__
+        shared[fn.__name__] = compiled.metadata.shared
+    return shared
 
 
 CASES = [
@@ -86,13 +107,23 @@ CASES = [
 
 @pytest.mark.parametrize("target", list(TARGETS))
 @pytest.mark.parametrize("dtype,dim,group,bs,splits", CASES)
-def test_kernels_compile_for_gpu(target, dtype, dim, group, bs, splits, monkeypatch):
-    launches = record_launches(dtype, dim, group, bs, splits, monkeypatch)
-    names = {fn.__name__ for fn, *_ in launches}
+def test_kernels_compile_for_gpu(target, dtype, dim, group, bs, splits):
+    shared = compile_case(dtype, dim, group, bs, splits, target)
     expected = {"write_kv_kernel", "decode_kernel", "prefill_kernel"} | ({"reduce_kernel"} if splits else set())
-    assert names == expected
-    for fn, _grid, args, kw in launches:
-        sig, consts = _signature(fn, args, kw)
-        compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=TARGETS[target])
-        assert compiled.asm["cubin"], fn.__name__
-        assert compiled.metadata.shared <= SHARED_LIMIT[target], (fn.__name__, compiled.metadata.shared)
+    assert set(shared) == expected
+    for name, used in shared.items():
+        assert used <= SHARED_LIMIT[target], (name, used)
+
+
+def test_compile_with_interpreter_set_at_startup():
+    """With TRITON_INTERPRET=1 in the environment when the process starts, Triton's own @jit helpers
+    (`tl.max`, `tl.standard`'s combine functions) are InterpretedFunctions; the CUDA kernels must not
+    reference them, or every compile fails with "Unsupported function referenced"."""
+    root = Path(__file__).resolve().parents[1]
+    env = os.environ | {"TRITON_INTERPRET": "1",
+                        "PYTHONPATH": os.pathsep.join([str(root), str(root / "tests"), os.environ.get("PYTHONPATH", "")])}
+    code = ("import torch, test_triton_compile as t; "
+            "print(sorted(t.compile_case(torch.bfloat16, 64, 4, 16, 2, 'sm90')))")
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "reduce_kernel" in run.stdout and "decode_kernel" in run.stdout

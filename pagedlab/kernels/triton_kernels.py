@@ -22,11 +22,30 @@ import triton
 import triton.language as tl
 
 NEG = tl.constexpr(-1.0e30)
-# reductions through `tl.reduce` with triton.language's own combine functions rather than `tl.max` /
-# `tl.sum` (themselves @jit helpers): those stay compiled-mode objects when Triton was imported before
-# TRITON_INTERPRET was set (transformers imports it), and the interpreter cannot call them.
-_MAX = tl.standard._elementwise_max
-_SUM = tl.standard._sum_combine
+
+
+@triton.jit
+def _max_combine(a, b):
+    return tl.maximum(a, b)
+
+
+@triton.jit
+def _sum_combine(a, b):
+    return a + b
+
+
+# Combine functions of the reductions (`tl.reduce(x, axis, _MAX)`), chosen for the mode this module was
+# loaded in (`triton_backend.kernels` sets TRITON_INTERPRET around the load, and the decorators above
+# follow it). Compiled: our own @jit helpers, which are JITFunctions whatever TRITON_INTERPRET was when
+# Triton itself was imported. `tl.max` / `tl.sum` and `tl.standard`'s combine functions are bound once,
+# when Triton is imported: with TRITON_INTERPRET=1 in the environment at start-up they are
+# InterpretedFunctions and a CUDA compile refuses them ("Unsupported function referenced"); with it
+# unset they are JITFunctions, which the interpreter cannot call. Interpreted: `tl.standard`'s own
+# combine functions, which the interpreter recognises and reduces with NumPy in one call (it would call
+# any other combine function once per element pair).
+_INTERPRETED = not isinstance(_max_combine, triton.runtime.JITFunction)
+_MAX = tl.standard._elementwise_max if _INTERPRETED else _max_combine
+_SUM = tl.standard._sum_combine if _INTERPRETED else _sum_combine
 
 
 @triton.jit
