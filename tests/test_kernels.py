@@ -162,3 +162,19 @@ def test_kv_cache_copy_and_swap_roundtrip():
     cache.swap_in([(5, 9), (0, 6)])
     assert torch.equal(cache.pool[:, :, 9], before[:, :, 3]) and torch.equal(cache.pool[:, :, 6], before[:, :, 4])
     assert cache.block_bytes == 3 * 2 * 4 * 2 * 8 * 4
+
+
+@pytest.mark.parametrize("splits", [None, 2])
+def test_triton_query_dtype_differs_from_pool(splits):
+    """fp32 activations over an fp16 pool (bf16 on a GPU; the interpreter has no bf16): the step's K/V
+    are stored in the pool's dtype, K/V are read in it and computed in the query's, as torch_gather
+    does; the output has the query's dtype and matches SDPA over the pool-rounded K/V."""
+    kv, meta, q, k, v, full_k, full_v = make_batch(MIXED_Q, MIXED_C, 16, 2, 4, 64)
+    kv = kv.half()
+    kv2 = kv.clone()
+    out = get_kernel("triton").attention(q, k, v, kv, meta, 0.125, num_splits=splits)
+    get_kernel("torch_gather").write_kv(kv2, k, v, meta)
+    assert out.dtype == torch.float32 and kv.dtype == torch.float16
+    assert torch.equal(kv, kv2)
+    rounded = [[t.half().float() for t in ts] for ts in (full_k, full_v)]
+    torch.testing.assert_close(out, reference(q, *rounded, MIXED_Q, 0.125), atol=2e-5, rtol=2e-4)

@@ -127,3 +127,11 @@ def test_compile_with_interpreter_set_at_startup():
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "reduce_kernel" in run.stdout and "decode_kernel" in run.stdout
+
+
+@pytest.mark.parametrize("target", list(TARGETS))
+def test_fp32_queries_over_bf16_pool_compile(target):
+    """`tl.dot` needs both operands in one dtype: K/V tiles are converted to the query's on load."""
+    shared = compile_case(torch.bfloat16, 128, 4, 16, 2, target, qdtype=torch.float32)
+    assert set(shared) == {"write_kv_kernel", "decode_kernel", "prefill_kernel", "reduce_kernel"}
+    assert max(shared.values()) <= SHARED_LIMIT[target]

@@ -156,7 +156,7 @@ def attention(
     out = torch.empty(num_tokens, heads, dim, dtype=query.dtype, device=query.device)
     scale_log2 = scale * math.log2(math.e)
     window = sliding_window or 0
-    prec = _precision(kv.dtype)
+    prec = _precision(query.dtype)  # the kernels compute in the query's dtype (K/V converted on load)
     common = {"KV_HEADS": kv_heads, "G": group, "D": dim, "BS": bs, "BLOCK_D": _pow2(dim), "PREC": prec}
     strides = (query.stride(0), query.stride(1), out.stride(0), out.stride(1), meta.block_tables.stride(0))
     if meta.decode_seqs:

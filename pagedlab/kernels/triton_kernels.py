@@ -16,6 +16,10 @@ partial max/sum/accumulator and `reduce_kernel` merges them (flash-decoding).
 `prefill_kernel`: one program per (tile of BLOCK_M new tokens of one sequence, query head); keys run
 from the cached prefix through the tile's last position with a causal mask, so prefix-cache hits and
 recompute need nothing special.
+
+K/V tiles are converted to the query's dtype as they are loaded (a no-op when they match), so the
+scores and the weighted sum are computed in the query's dtype, as `torch_gather` does (it converts the
+gathered K/V to the query's dtype); `PREC` is chosen for that dtype.
 """
 
 import triton
@@ -117,8 +121,8 @@ def decode_kernel(q_ptr, cache_ptr, out_ptr, table_ptr, ctx_ptr, rows_ptr, seqs_
         ok = (offs_n < end) & (offs_n >= lo)
         off = _kv_offsets(table_ptr, s, stride_table, offs_n, ok, h, offs_d, KV_HEADS, D, BS)
         kv_ok = ok[:, None] & d_ok[None, :]
-        k = tl.load(cache_ptr + off, mask=kv_ok, other=0.0)
-        v = tl.load(cache_ptr + v_offset + off, mask=kv_ok, other=0.0)
+        k = tl.load(cache_ptr + off, mask=kv_ok, other=0.0).to(q.dtype)
+        v = tl.load(cache_ptr + v_offset + off, mask=kv_ok, other=0.0).to(q.dtype)
         m_i, l_i, acc = _online_softmax_step(q, k, v, ok[None, :], m_i, l_i, acc, scale_log2, PREC)
     if SPLIT:
         base = (i * KV_HEADS * G + heads) * num_parts + p
@@ -186,8 +190,8 @@ def prefill_kernel(q_ptr, cache_ptr, out_ptr, table_ptr, ctx_ptr, qstart_ptr, ti
         n_ok = offs_n < end
         off = _kv_offsets(table_ptr, s, stride_table, offs_n, n_ok, h, offs_d, KV_HEADS, D, BS)
         kv_ok = n_ok[:, None] & d_ok[None, :]
-        k = tl.load(cache_ptr + off, mask=kv_ok, other=0.0)
-        v = tl.load(cache_ptr + v_offset + off, mask=kv_ok, other=0.0)
+        k = tl.load(cache_ptr + off, mask=kv_ok, other=0.0).to(q.dtype)
+        v = tl.load(cache_ptr + v_offset + off, mask=kv_ok, other=0.0).to(q.dtype)
         ok = n_ok[None, :] & (offs_n[None, :] <= qpos[:, None])
         ok = ok & ((window <= 0) | (offs_n[None, :] > qpos[:, None] - window))
         m_i, l_i, acc = _online_softmax_step(q, k, v, ok, m_i, l_i, acc, scale_log2, PREC)
