@@ -135,3 +135,43 @@ def test_fp32_queries_over_bf16_pool_compile(target):
     shared = compile_case(torch.bfloat16, 128, 4, 16, 2, target, qdtype=torch.float32)
     assert set(shared) == {"write_kv_kernel", "decode_kernel", "prefill_kernel", "reduce_kernel"}
     assert max(shared.values()) <= SHARED_LIMIT[target]
+
+
+def _launch_keys(qlens, ctxs, splits, bs=16) -> dict:
+    """Cache key of each kernel launched for one step, as `JITFunction.run` computes it on sm_90."""
+    kv, meta, q, k, v, *_ = make_batch(qlens, ctxs, bs, 2, 4, 64)
+    launches: list = []
+    real = triton_backend.kernels(torch.device("cuda"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(triton_backend, "kernels", lambda device: _Recorder(real, launches))
+        triton_backend.attention(q, k, v, kv, meta, 0.125, num_splits=splits)
+    return {fn.__name__: (specialize(fn, args, kw, TARGETS["sm90"])[4], tuple(sorted(kw.items())))
+            for fn, _g, args, kw in launches}
+
+
+STEPS = {  # block-table widths 1, 7, 16, 19, 3 / 10, 9, 16, 19, 12 blocks; 2 or 3 decode splits
+    None: [([1, 1, 5], [3, 9, 12]), ([1, 1, 20], [100, 7, 40]), ([1, 1, 9], [256, 30, 200]),
+           ([1, 1, 33], [300, 50, 290]), ([1, 1, 2], [48, 17, 48])],
+    3: [([1, 1, 5], [3, 9, 150]), ([1, 1, 20], [100, 7, 140]), ([1, 1, 9], [256, 30, 200]),
+        ([1, 1, 33], [300, 50, 290]), ([1, 1, 2], [48, 17, 190])],
+}
+
+
+@pytest.mark.parametrize("splits", list(STEPS))
+def test_one_variant_across_steps(splits):
+    """Steps differ in the block table's width (its row stride) and in the number of decode splits; the
+    kernels must not be specialised on these (divisibility by 16, equality to 1), or each new value
+    compiles another variant inside a timed step."""
+    keys: dict = {}
+    for qlens, ctxs in STEPS[splits]:
+        for name, key in _launch_keys(qlens, ctxs, splits).items():
+            keys.setdefault(name, set()).add(key)
+    # variants only where a constexpr the backend picks differs: unsplit vs split decode (SPLIT) and
+    # the split merge's BLOCK_P (the split count rounded up to a power of two): a few variants, each
+    # compiled once, not one per block-table width or split count
+    variants = {name: len({key for key, _ in k}) for name, k in keys.items()}
+    constexprs = {name: len({c for _, c in k}) for name, k in keys.items()}
+    assert variants == constexprs
+    if not splits:
+        assert variants == {name: 1 for name in keys}
+    assert ("reduce_kernel" in keys) == bool(splits)

@@ -127,8 +127,13 @@ def _prefill_tiles(meta: PagedMetadata) -> tuple[torch.Tensor, torch.Tensor]:
     if "triton_prefill" not in meta.plans:
         q = meta.query_lens_list
         tiles = [(s, m) for s in meta.prefill_seqs for m in range(0, q[s], BLOCK_M)]
-        t = torch.tensor(tiles, dtype=torch.int32, device=meta.block_tables.device).view(-1, 2)
-        meta.plans["triton_prefill"] = (t[:, 0].contiguous(), t[:, 1].contiguous())
+        # one transfer, two rows padded to 4 int32s (16 bytes): both start 16-byte aligned whatever the
+        # number of tiles, so Triton's divisibility specialisation of the pointers does not vary by step
+        width = -(-len(tiles) // 4) * 4
+        rows = [[s for s, _ in tiles], [m for _, m in tiles]]
+        t = torch.tensor([r + [0] * (width - len(tiles)) for r in rows], dtype=torch.int32,
+                         device=meta.block_tables.device)
+        meta.plans["triton_prefill"] = (t[0, : len(tiles)], t[1, : len(tiles)])
     return meta.plans["triton_prefill"]
 
 

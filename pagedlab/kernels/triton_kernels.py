@@ -26,6 +26,15 @@ import triton
 import triton.language as tl
 
 NEG = tl.constexpr(-1.0e30)
+# Integer arguments that change from step to step (the block table's row stride is its width, the most
+# blocks any sequence of the step holds; the split plan follows the longest context). Triton would
+# specialise them (divisible by 16, equal to 1) and compile a new variant inside a timed step whenever
+# that changes; these are passed as plain ints instead.
+STEP_INTS = {
+    "decode_kernel": ["stride_table", "part_len", "num_parts"],
+    "reduce_kernel": ["num_parts"],
+    "prefill_kernel": ["stride_table"],
+}
 
 
 @triton.jit
@@ -87,7 +96,7 @@ def _online_softmax_step(q, k, v, ok, m_i, l_i, acc, scale_log2, PREC: tl.conste
     return m_new, l_i, acc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=STEP_INTS["decode_kernel"])
 def decode_kernel(q_ptr, cache_ptr, out_ptr, table_ptr, ctx_ptr, rows_ptr, seqs_ptr,
                   part_m_ptr, part_l_ptr, part_acc_ptr,
                   scale_log2, stride_qt, stride_qh, stride_ot, stride_oh, stride_table, v_offset,
@@ -135,7 +144,7 @@ def decode_kernel(q_ptr, cache_ptr, out_ptr, table_ptr, ctx_ptr, rows_ptr, seqs_
                  o.to(out_ptr.dtype.element_ty), mask=g_ok[:, None] & d_ok[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=STEP_INTS["reduce_kernel"])
 def reduce_kernel(out_ptr, rows_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, stride_ot, stride_oh,
                   num_parts, HEADS: tl.constexpr, D: tl.constexpr,
                   BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -157,7 +166,7 @@ def reduce_kernel(out_ptr, rows_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, strid
              mask=offs_d < D)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=STEP_INTS["prefill_kernel"])
 def prefill_kernel(q_ptr, cache_ptr, out_ptr, table_ptr, ctx_ptr, qstart_ptr, tile_seq_ptr, tile_m_ptr,
                    scale_log2, stride_qt, stride_qh, stride_ot, stride_oh, stride_table, v_offset, window,
                    KV_HEADS: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
