@@ -178,3 +178,42 @@ def test_triton_query_dtype_differs_from_pool(splits):
     assert torch.equal(kv, kv2)
     rounded = [[t.half().float() for t in ts] for ts in (full_k, full_v)]
     torch.testing.assert_close(out, reference(q, *rounded, MIXED_Q, 0.125), atol=2e-5, rtol=2e-4)
+
+
+def test_triton_launches_on_the_pools_device(monkeypatch):
+    """Triton launches on the current CUDA device: every launch must happen under
+    `torch.cuda.device(<the pool's device>)` (mocked here: no GPU), not on whatever device is current."""
+    from pagedlab.kernels import triton_backend
+
+    entered: list = []
+    launches: list = []
+
+    class Guard:
+        def __init__(self, device):
+            self.device = device
+
+        def __enter__(self):
+            entered.append(self.device)
+
+        def __exit__(self, *exc):
+            entered.pop()
+
+    monkeypatch.setattr(torch.cuda, "device", Guard)
+    assert isinstance(triton_backend._on_device(torch.device("cuda", 1)), Guard)
+    assert triton_backend._on_device(torch.device("cuda", 1)).device == torch.device("cuda", 1)
+
+    class Launcher:
+        def __getitem__(self, grid):
+            return lambda *args, **kw: launches.append(list(entered))
+
+    class Module:
+        def __getattr__(self, name):
+            return Launcher()
+
+    cuda1 = torch.device("cuda", 1)
+    monkeypatch.setattr(triton_backend, "kernels", lambda device: Module())
+    monkeypatch.setattr(triton_backend, "_on_device", lambda device: Guard(cuda1))
+    kv, meta, q, k, v, *_ = make_batch(MIXED_Q, MIXED_C, 16, 2, 2, 64)
+    triton_backend.attention(q, k, v, kv, meta, 0.125, num_splits=2)
+    triton_backend.write_kv(kv, k, v, meta)
+    assert len(launches) == 5 and all(g and g[-1] == cuda1 for g in launches), launches

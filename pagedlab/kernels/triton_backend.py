@@ -8,6 +8,7 @@ speed is for CUDA.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import math
 import os
@@ -77,6 +78,14 @@ def _mend_old_interpreter() -> None:
     interpreter._patch_lang_tensor = mended
 
 
+def _on_device(device: torch.device):
+    """Launch on `device`: Triton launches on the current CUDA device (and its current stream), so
+    tensors on cuda:1 while cuda:0 is current would be read through another device's pointers."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    return torch.cuda.device(device)
+
+
 def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
@@ -88,9 +97,10 @@ def write_kv(kv: torch.Tensor, key: torch.Tensor, value: torch.Tensor, meta: Pag
     k = key.to(kv.dtype).reshape(key.shape[0], -1).contiguous()
     v = value.to(kv.dtype).reshape(value.shape[0], -1).contiguous()
     n = k.shape[1]
-    kernels(kv.device).write_kv_kernel[(k.shape[0],)](
-        k, v, kv, meta.slot_mapping, k.stride(0), v.stride(0), kv[0].numel(), N=n, BLOCK=_pow2(n, 1)
-    )
+    with _on_device(kv.device):
+        kernels(kv.device).write_kv_kernel[(k.shape[0],)](
+            k, v, kv, meta.slot_mapping, k.stride(0), v.stride(0), kv[0].numel(), N=n, BLOCK=_pow2(n, 1)
+        )
 
 
 def _num_splits(programs: int, max_ctx: int, device: torch.device) -> int:
@@ -151,6 +161,11 @@ def attention(
 
     `num_splits` overrides the decode context-split heuristic (tests use it on the CPU).
     """
+    with _on_device(kv.device):
+        return _attention(query, key, value, kv, meta, scale, sliding_window, num_splits)
+
+
+def _attention(query, key, value, kv, meta, scale, sliding_window, num_splits) -> torch.Tensor:
     write_kv(kv, key, value, meta)
     if query.stride(-1) != 1:
         query = query.contiguous()
