@@ -25,8 +25,8 @@ from triton.compiler import ASTSource
 
 from pagedlab.kernels import triton_backend
 
-TARGETS = {"sm90": GPUTarget("cuda", 90, 32), "sm80": GPUTarget("cuda", 80, 32)}
-SHARED_LIMIT = {"sm90": 227 << 10, "sm80": 163 << 10}  # bytes of shared memory one block may use
+TARGETS = {"sm90": GPUTarget("cuda", 90, 32), "sm80": GPUTarget("cuda", 80, 32), "sm89": GPUTarget("cuda", 89, 32)}
+SHARED_LIMIT = {"sm90": 227 << 10, "sm80": 163 << 10, "sm89": 99 << 10}  # bytes of shared memory one block may use
 
 
 class _Recorder:
@@ -69,7 +69,7 @@ def compile_launch(fn, args: tuple, kw: dict, target):
     return triton.compile(src, target=target, options=options.__dict__)
 
 
-def record_launches(dtype, dim, group, bs, splits, qdtype=None) -> list:
+def record_launches(dtype, dim, group, bs, splits, qdtype=None, limit=None) -> list:
     """The kernel launches of one attention call over a mixed decode + prefill batch (K/V pool in
     `dtype`, queries in `qdtype`, by default the same)."""
     kv, meta, q, k, v, *_ = make_batch([1, 1, 1, 40], [1, 7, 100, 300], bs, 2, group, dim)
@@ -79,18 +79,25 @@ def record_launches(dtype, dim, group, bs, splits, qdtype=None) -> list:
     real = triton_backend.kernels(torch.device("cuda"))  # compiled-mode module; loading needs no GPU
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(triton_backend, "kernels", lambda device: _Recorder(real, launches))
+        mp.setattr(triton_backend, "_shared_limit", lambda device: limit)  # None: default tiles
         triton_backend.attention(q, k, v, kv, meta, dim**-0.5, num_splits=splits)
     return launches
 
 
-def compile_case(dtype, dim, group, bs, splits, target, qdtype=None) -> dict:
-    """Compile every launch of one case for `target` (a key of TARGETS); bytes of shared memory by kernel."""
-    launches = record_launches(dtype, dim, group, bs, splits, qdtype)
+def compile_case(dtype, dim, group, bs, splits, target, qdtype=None, limit=None) -> dict:
+    """Compile every launch of one case for `target` (a key of TARGETS); bytes of shared memory by
+    kernel. Attention programs must use no more than the backend's `shared_bytes` estimate."""
+    launches = record_launches(dtype, dim, group, bs, splits, qdtype, limit)
+    elem, pool_elem = (torch.empty((), dtype=d).element_size() for d in (qdtype or dtype, dtype))
     shared = {}
     for fn, _grid, args, kw in launches:
         compiled = compile_launch(fn, args, kw, TARGETS[target])
         assert compiled.asm["cubin"], fn.__name__
-        shared[fn.__name__] = compiled.metadata.shared
+        shared[fn.__name__] = used = compiled.metadata.shared
+        if "BLOCK_N" in kw:
+            rows = kw.get("BLOCK_G", kw.get("BLOCK_M"))
+            estimate = triton_backend.shared_bytes(rows, kw["BLOCK_N"], kw["BLOCK_D"], elem, pool_elem)
+            assert used <= estimate + triton_backend.SHARED_SLACK, (fn.__name__, used, estimate)
     return shared
 
 
@@ -132,7 +139,7 @@ def test_compile_with_interpreter_set_at_startup():
 @pytest.mark.parametrize("target", list(TARGETS))
 def test_fp32_queries_over_bf16_pool_compile(target):
     """`tl.dot` needs both operands in one dtype: K/V tiles are converted to the query's on load."""
-    shared = compile_case(torch.bfloat16, 128, 4, 16, 2, target, qdtype=torch.float32)
+    shared = compile_case(torch.bfloat16, 128, 4, 16, 2, target, qdtype=torch.float32, limit=SHARED_LIMIT[target])
     assert set(shared) == {"write_kv_kernel", "decode_kernel", "prefill_kernel", "reduce_kernel"}
     assert max(shared.values()) <= SHARED_LIMIT[target]
 
@@ -175,3 +182,26 @@ def test_one_variant_across_steps(splits):
     if not splits:
         assert variants == {name: 1 for name in keys}
     assert ("reduce_kernel" in keys) == bool(splits)
+
+
+@pytest.mark.parametrize("target", list(TARGETS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_head_dim_256_fits_shared_memory(target, dtype):
+    """At head dim 256 in fp32 the default tiles need about 148 KB of shared memory (the runtime's
+    variant, with its divisibility attributes), over the 99 KB of sm_86/sm_89 parts (A10, L4, RTX 4090):
+    given the device's limit, the backend picks smaller key tiles, and the compiled variants fit."""
+    limit = SHARED_LIMIT[target]
+    shared = compile_case(dtype, 256, 4, 16, 2, target, limit=limit)
+    assert max(shared.values()) <= limit, shared
+
+
+def test_shared_memory_rule():
+    limit = 99 << 10
+    assert triton_backend.block_n_for(32, 256, torch.float32, None, 32) == 32  # off CUDA: defaults
+    assert triton_backend.block_n_for(16, 256, torch.float32, 227 << 10, 64) == 64  # H100/H200
+    assert triton_backend.block_n_for(16, 256, torch.float32, limit, 64) == 32  # decode, 99 KB
+    assert triton_backend.block_n_for(32, 256, torch.float32, limit, 32) == 16  # prefill, 99 KB
+    assert triton_backend.block_n_for(16, 256, torch.bfloat16, limit, 64) == 64
+    assert triton_backend.block_n_for(32, 256, torch.bfloat16, limit, 32) == 32
+    with pytest.raises(ValueError, match=r"head dim 512 in float32 .* allows 99 KB.*fit in this dtype: \[64.*256\]"):
+        triton_backend.block_n_for(32, 512, torch.float32, limit, 32)
