@@ -131,7 +131,8 @@ def test_compile_with_interpreter_set_at_startup():
                         "PYTHONPATH": os.pathsep.join([str(root), str(root / "tests"), os.environ.get("PYTHONPATH", "")])}
     code = ("import torch, test_triton_compile as t; "
             "print(sorted(t.compile_case(torch.bfloat16, 64, 4, 16, 2, 'sm90')))")
-    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
+                         check=False)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "reduce_kernel" in run.stdout and "decode_kernel" in run.stdout
 
