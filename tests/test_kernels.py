@@ -162,3 +162,58 @@ def test_kv_cache_copy_and_swap_roundtrip():
     cache.swap_in([(5, 9), (0, 6)])
     assert torch.equal(cache.pool[:, :, 9], before[:, :, 3]) and torch.equal(cache.pool[:, :, 6], before[:, :, 4])
     assert cache.block_bytes == 3 * 2 * 4 * 2 * 8 * 4
+
+
+@pytest.mark.parametrize("splits", [None, 2])
+def test_triton_query_dtype_differs_from_pool(splits):
+    """fp32 activations over an fp16 pool (bf16 on a GPU; the interpreter has no bf16): the step's K/V
+    are stored in the pool's dtype, K/V are read in it and computed in the query's, as torch_gather
+    does; the output has the query's dtype and matches SDPA over the pool-rounded K/V."""
+    kv, meta, q, k, v, full_k, full_v = make_batch(MIXED_Q, MIXED_C, 16, 2, 4, 64)
+    kv = kv.half()
+    kv2 = kv.clone()
+    out = get_kernel("triton").attention(q, k, v, kv, meta, 0.125, num_splits=splits)
+    get_kernel("torch_gather").write_kv(kv2, k, v, meta)
+    assert out.dtype == torch.float32 and kv.dtype == torch.float16
+    assert torch.equal(kv, kv2)
+    rounded = [[t.half().float() for t in ts] for ts in (full_k, full_v)]
+    torch.testing.assert_close(out, reference(q, *rounded, MIXED_Q, 0.125), atol=2e-5, rtol=2e-4)
+
+
+def test_triton_launches_on_the_pools_device(monkeypatch):
+    """Triton launches on the current CUDA device: every launch must happen under
+    `torch.cuda.device(<the pool's device>)` (mocked here: no GPU), not on whatever device is current."""
+    from pagedlab.kernels import triton_backend
+
+    entered: list = []
+    launches: list = []
+
+    class Guard:
+        def __init__(self, device):
+            self.device = device
+
+        def __enter__(self):
+            entered.append(self.device)
+
+        def __exit__(self, *exc):
+            entered.pop()
+
+    monkeypatch.setattr(torch.cuda, "device", Guard)
+    assert isinstance(triton_backend._on_device(torch.device("cuda", 1)), Guard)
+    assert triton_backend._on_device(torch.device("cuda", 1)).device == torch.device("cuda", 1)
+
+    class Launcher:
+        def __getitem__(self, grid):
+            return lambda *args, **kw: launches.append(list(entered))
+
+    class Module:
+        def __getattr__(self, name):
+            return Launcher()
+
+    cuda1 = torch.device("cuda", 1)
+    monkeypatch.setattr(triton_backend, "kernels", lambda device: Module())
+    monkeypatch.setattr(triton_backend, "_on_device", lambda device: Guard(cuda1))
+    kv, meta, q, k, v, *_ = make_batch(MIXED_Q, MIXED_C, 16, 2, 2, 64)
+    triton_backend.attention(q, k, v, kv, meta, 0.125, num_splits=2)
+    triton_backend.write_kv(kv, k, v, meta)
+    assert len(launches) == 5 and all(g and g[-1] == cuda1 for g in launches), launches

@@ -8,6 +8,7 @@ speed is for CUDA.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import math
 import os
@@ -77,6 +78,67 @@ def _mend_old_interpreter() -> None:
     interpreter._patch_lang_tensor = mended
 
 
+MIN_BLOCK_N = 16  # the smallest tile `tl.dot` takes
+SHARED_SLACK = 8 << 10  # headroom over `shared_bytes` for what other Triton versions add
+_shared_limits: dict[torch.device, int] = {}
+
+
+def shared_bytes(rows: int, block_n: int, block_d: int, elem: int, pool_elem: int | None = None) -> int:
+    """Shared memory (bytes) of one decode/prefill program: the K and V tiles, the query tile and the
+    probabilities, in the compute dtype (`elem` bytes; K/V also as loaded, in the pool's `pool_elem`,
+    when that differs). Within a few hundred bytes of Triton 3.9's
+    sm_80-sm_90 variants; tests/test_triton_compile.py checks compiled variants against it plus
+    SHARED_SLACK, the margin the tile choice keeps."""
+    kv_tiles = 2 * block_n * block_d * (elem + (pool_elem if pool_elem not in (None, elem) else 0))
+    return kv_tiles + (rows * block_d + rows * block_n) * elem
+
+
+def _shared_limit(device: torch.device) -> int | None:
+    """Shared memory one program may use on `device` (opt-in maximum; None off CUDA)."""
+    if device.type != "cuda":
+        return None
+    if device not in _shared_limits:
+        props = torch.cuda.get_device_properties(device)
+        limit = getattr(props, "shared_memory_per_block_optin", 0)
+        if not limit:
+            from triton.runtime import driver
+
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            limit = driver.active.utils.get_device_properties(index)["max_shared_mem"]
+        _shared_limits[device] = int(limit)
+    return _shared_limits[device]
+
+
+def block_n_for(rows: int, dim: int, dtype: torch.dtype, limit: int | None, default: int,
+                pool_dtype: torch.dtype | None = None) -> int:
+    """Keys per tile for a program of `rows` query rows at head dim `dim`, computing in `dtype`: the
+    default, halved until the variant fits `limit` bytes of shared memory. Raises ValueError, naming
+    what fits, when not even MIN_BLOCK_N-key tiles do."""
+    block_d, elem = _pow2(dim), torch.empty((), dtype=dtype).element_size()
+    pool_elem = torch.empty((), dtype=pool_dtype or dtype).element_size()
+    block_n = default
+    while limit is not None and shared_bytes(rows, block_n, block_d, elem, pool_elem) + SHARED_SLACK > limit:
+        if block_n <= MIN_BLOCK_N:
+            fits = [d for d in (64, 80, 96, 128, 192, 256, 512)
+                    if shared_bytes(rows, MIN_BLOCK_N, _pow2(d), elem, pool_elem) + SHARED_SLACK <= limit]
+            need = shared_bytes(rows, MIN_BLOCK_N, block_d, elem, pool_elem) + SHARED_SLACK
+            raise ValueError(
+                f"kernel=triton: head dim {dim} in {str(dtype).removeprefix('torch.')} needs about {need >> 10} KB "
+                f"of shared memory per program even with {MIN_BLOCK_N}-key tiles; this GPU allows {limit >> 10} KB. "
+                f"Head dims that fit in this dtype: {fits or 'none'}; or use a 2-byte dtype (bf16/fp16), "
+                f"or kernel=torch_gather")
+        block_n //= 2
+    return block_n
+
+
+def _on_device(device: torch.device):
+    """Launch on `device`: Triton launches on the current CUDA device (and its current stream), so
+    tensors on cuda:1 while cuda:0 is current would be read through another device's pointers."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    return torch.cuda.device(device)
+
+
 def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
@@ -88,9 +150,10 @@ def write_kv(kv: torch.Tensor, key: torch.Tensor, value: torch.Tensor, meta: Pag
     k = key.to(kv.dtype).reshape(key.shape[0], -1).contiguous()
     v = value.to(kv.dtype).reshape(value.shape[0], -1).contiguous()
     n = k.shape[1]
-    kernels(kv.device).write_kv_kernel[(k.shape[0],)](
-        k, v, kv, meta.slot_mapping, k.stride(0), v.stride(0), kv[0].numel(), N=n, BLOCK=_pow2(n, 1)
-    )
+    with _on_device(kv.device):
+        kernels(kv.device).write_kv_kernel[(k.shape[0],)](
+            k, v, kv, meta.slot_mapping, k.stride(0), v.stride(0), kv[0].numel(), N=n, BLOCK=_pow2(n, 1)
+        )
 
 
 def _num_splits(programs: int, max_ctx: int, device: torch.device) -> int:
@@ -127,8 +190,13 @@ def _prefill_tiles(meta: PagedMetadata) -> tuple[torch.Tensor, torch.Tensor]:
     if "triton_prefill" not in meta.plans:
         q = meta.query_lens_list
         tiles = [(s, m) for s in meta.prefill_seqs for m in range(0, q[s], BLOCK_M)]
-        t = torch.tensor(tiles, dtype=torch.int32, device=meta.block_tables.device).view(-1, 2)
-        meta.plans["triton_prefill"] = (t[:, 0].contiguous(), t[:, 1].contiguous())
+        # one transfer, two rows padded to 4 int32s (16 bytes): both start 16-byte aligned whatever the
+        # number of tiles, so Triton's divisibility specialisation of the pointers does not vary by step
+        width = -(-len(tiles) // 4) * 4
+        rows = [[s for s, _ in tiles], [m for _, m in tiles]]
+        t = torch.tensor([r + [0] * (width - len(tiles)) for r in rows], dtype=torch.int32,
+                         device=meta.block_tables.device)
+        meta.plans["triton_prefill"] = (t[0, : len(tiles)], t[1, : len(tiles)])
     return meta.plans["triton_prefill"]
 
 
@@ -146,6 +214,11 @@ def attention(
 
     `num_splits` overrides the decode context-split heuristic (tests use it on the CPU).
     """
+    with _on_device(kv.device):
+        return _attention(query, key, value, kv, meta, scale, sliding_window, num_splits)
+
+
+def _attention(query, key, value, kv, meta, scale, sliding_window, num_splits) -> torch.Tensor:
     write_kv(kv, key, value, meta)
     if query.stride(-1) != 1:
         query = query.contiguous()
@@ -156,10 +229,15 @@ def attention(
     out = torch.empty(num_tokens, heads, dim, dtype=query.dtype, device=query.device)
     scale_log2 = scale * math.log2(math.e)
     window = sliding_window or 0
-    prec = _precision(kv.dtype)
+    prec = _precision(query.dtype)  # the kernels compute in the query's dtype (K/V converted on load)
+    # tiles small enough for the device's shared memory (fp32 at head dim 256 needs smaller tiles on
+    # 99 KB parts: A10, L4, RTX 4090); checked before any launch
+    limit = _shared_limit(kv.device)
+    block_g = _pow2(group)
     common = {"KV_HEADS": kv_heads, "G": group, "D": dim, "BS": bs, "BLOCK_D": _pow2(dim), "PREC": prec}
     strides = (query.stride(0), query.stride(1), out.stride(0), out.stride(1), meta.block_tables.stride(0))
     if meta.decode_seqs:
+        block_n = block_n_for(block_g, dim, query.dtype, limit, BLOCK_N, kv.dtype)
         plan = _decode_plan(meta, heads, kv_heads, dim, num_splits)
         split = plan["parts"] > 1
         dummy = out if not split else None
@@ -167,7 +245,7 @@ def attention(
             query, kv, out, meta.block_tables, meta.context_lens, plan["rows"], plan["seqs"],
             plan.get("m", dummy), plan.get("l", dummy), plan.get("acc", dummy),
             scale_log2, *strides, kv[0].numel(), window, plan["part_len"], plan["parts"],
-            BLOCK_G=_pow2(group), BLOCK_N=BLOCK_N, SPLIT=split, **common,
+            BLOCK_G=block_g, BLOCK_N=block_n, SPLIT=split, **common,
         )
         if split:
             mod.reduce_kernel[(len(meta.decode_seqs), heads)](
@@ -175,10 +253,11 @@ def attention(
                 plan["parts"], HEADS=heads, D=dim, BLOCK_P=_pow2(plan["parts"], 2), BLOCK_D=_pow2(dim),
             )
     if meta.prefill_seqs:
+        block_n = block_n_for(BLOCK_M, dim, query.dtype, limit, BLOCK_N_PREFILL, kv.dtype)
         tile_seq, tile_m = _prefill_tiles(meta)
         mod.prefill_kernel[(tile_seq.numel(), heads)](
             query, kv, out, meta.block_tables, meta.context_lens, meta.query_start, tile_seq, tile_m,
             scale_log2, *strides, kv[0].numel(), window,
-            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N_PREFILL, **common,
+            BLOCK_M=BLOCK_M, BLOCK_N=block_n, **common,
         )
     return out

@@ -16,17 +16,49 @@ partial max/sum/accumulator and `reduce_kernel` merges them (flash-decoding).
 `prefill_kernel`: one program per (tile of BLOCK_M new tokens of one sequence, query head); keys run
 from the cached prefix through the tile's last position with a causal mask, so prefix-cache hits and
 recompute need nothing special.
+
+K/V tiles are converted to the query's dtype as they are loaded (a no-op when they match), so the
+scores and the weighted sum are computed in the query's dtype, as `torch_gather` does (it converts the
+gathered K/V to the query's dtype); `PREC` is chosen for that dtype.
 """
 
 import triton
 import triton.language as tl
 
 NEG = tl.constexpr(-1.0e30)
-# reductions through `tl.reduce` with triton.language's own combine functions rather than `tl.max` /
-# `tl.sum` (themselves @jit helpers): those stay compiled-mode objects when Triton was imported before
-# TRITON_INTERPRET was set (transformers imports it), and the interpreter cannot call them.
-_MAX = tl.standard._elementwise_max
-_SUM = tl.standard._sum_combine
+# Integer arguments that change from step to step (the block table's row stride is its width, the most
+# blocks any sequence of the step holds; the split plan follows the longest context). Triton would
+# specialise them (divisible by 16, equal to 1) and compile a new variant inside a timed step whenever
+# that changes; these are passed as plain ints instead.
+STEP_INTS = {
+    "decode_kernel": ["stride_table", "part_len", "num_parts"],
+    "reduce_kernel": ["num_parts"],
+    "prefill_kernel": ["stride_table"],
+}
+
+
+@triton.jit
+def _max_combine(a, b):
+    return tl.maximum(a, b)
+
+
+@triton.jit
+def _sum_combine(a, b):
+    return a + b
+
+
+# Combine functions of the reductions (`tl.reduce(x, axis, _MAX)`), chosen for the mode this module was
+# loaded in (`triton_backend.kernels` sets TRITON_INTERPRET around the load, and the decorators above
+# follow it). Compiled: our own @jit helpers, which are JITFunctions whatever TRITON_INTERPRET was when
+# Triton itself was imported. `tl.max` / `tl.sum` and `tl.standard`'s combine functions are bound once,
+# when Triton is imported: with TRITON_INTERPRET=1 in the environment at start-up they are
+# InterpretedFunctions and a CUDA compile refuses them ("Unsupported function referenced"); with it
+# unset they are JITFunctions, which the interpreter cannot call. Interpreted: `tl.standard`'s own
+# combine functions, which the interpreter recognises and reduces with NumPy in one call (it would call
+# any other combine function once per element pair).
+_INTERPRETED = not isinstance(_max_combine, triton.runtime.JITFunction)
+_MAX = tl.standard._elementwise_max if _INTERPRETED else _max_combine
+_SUM = tl.standard._sum_combine if _INTERPRETED else _sum_combine
 
 
 @triton.jit
@@ -64,7 +96,7 @@ def _online_softmax_step(q, k, v, ok, m_i, l_i, acc, scale_log2, PREC: tl.conste
     return m_new, l_i, acc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=STEP_INTS["decode_kernel"])
 def decode_kernel(q_ptr, cache_ptr, out_ptr, table_ptr, ctx_ptr, rows_ptr, seqs_ptr,
                   part_m_ptr, part_l_ptr, part_acc_ptr,
                   scale_log2, stride_qt, stride_qh, stride_ot, stride_oh, stride_table, v_offset,
@@ -98,8 +130,8 @@ def decode_kernel(q_ptr, cache_ptr, out_ptr, table_ptr, ctx_ptr, rows_ptr, seqs_
         ok = (offs_n < end) & (offs_n >= lo)
         off = _kv_offsets(table_ptr, s, stride_table, offs_n, ok, h, offs_d, KV_HEADS, D, BS)
         kv_ok = ok[:, None] & d_ok[None, :]
-        k = tl.load(cache_ptr + off, mask=kv_ok, other=0.0)
-        v = tl.load(cache_ptr + v_offset + off, mask=kv_ok, other=0.0)
+        k = tl.load(cache_ptr + off, mask=kv_ok, other=0.0).to(q.dtype)
+        v = tl.load(cache_ptr + v_offset + off, mask=kv_ok, other=0.0).to(q.dtype)
         m_i, l_i, acc = _online_softmax_step(q, k, v, ok[None, :], m_i, l_i, acc, scale_log2, PREC)
     if SPLIT:
         base = (i * KV_HEADS * G + heads) * num_parts + p
@@ -112,7 +144,7 @@ def decode_kernel(q_ptr, cache_ptr, out_ptr, table_ptr, ctx_ptr, rows_ptr, seqs_
                  o.to(out_ptr.dtype.element_ty), mask=g_ok[:, None] & d_ok[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=STEP_INTS["reduce_kernel"])
 def reduce_kernel(out_ptr, rows_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, stride_ot, stride_oh,
                   num_parts, HEADS: tl.constexpr, D: tl.constexpr,
                   BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -134,7 +166,7 @@ def reduce_kernel(out_ptr, rows_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, strid
              mask=offs_d < D)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=STEP_INTS["prefill_kernel"])
 def prefill_kernel(q_ptr, cache_ptr, out_ptr, table_ptr, ctx_ptr, qstart_ptr, tile_seq_ptr, tile_m_ptr,
                    scale_log2, stride_qt, stride_qh, stride_ot, stride_oh, stride_table, v_offset, window,
                    KV_HEADS: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
@@ -167,8 +199,8 @@ def prefill_kernel(q_ptr, cache_ptr, out_ptr, table_ptr, ctx_ptr, qstart_ptr, ti
         n_ok = offs_n < end
         off = _kv_offsets(table_ptr, s, stride_table, offs_n, n_ok, h, offs_d, KV_HEADS, D, BS)
         kv_ok = n_ok[:, None] & d_ok[None, :]
-        k = tl.load(cache_ptr + off, mask=kv_ok, other=0.0)
-        v = tl.load(cache_ptr + v_offset + off, mask=kv_ok, other=0.0)
+        k = tl.load(cache_ptr + off, mask=kv_ok, other=0.0).to(q.dtype)
+        v = tl.load(cache_ptr + v_offset + off, mask=kv_ok, other=0.0).to(q.dtype)
         ok = n_ok[None, :] & (offs_n[None, :] <= qpos[:, None])
         ok = ok & ((window <= 0) | (offs_n[None, :] > qpos[:, None] - window))
         m_i, l_i, acc = _online_softmax_step(q, k, v, ok, m_i, l_i, acc, scale_log2, PREC)
