@@ -196,3 +196,25 @@ def test_sweep_keeps_going_past_a_failed_point(monkeypatch: pytest.MonkeyPatch) 
     assert df["status"].tolist() == ["finished", "failed", "finished"]
     assert df["error"].tolist()[1] == "RuntimeError: boom" and df["error"].isna().tolist() == [True, False, True]
     assert df["num_finished"].tolist()[0] == 4 and df["block_size"].tolist() == [4, 8, 16]
+
+
+def test_triton_variant_that_cannot_fit_shared_memory_is_refused_before_work(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a GPU with 99 KB of shared memory per program (A10, L4, RTX 4090), head dim 512 in fp32
+    fits no tile size: the preflight says so, with what fits, instead of the first attention call."""
+    import torch
+    from transformers import LlamaConfig
+
+    from pagedlab.kernels import triton_backend
+
+    LlamaConfig(hidden_size=1024, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
+                num_key_value_heads=1, head_dim=512, vocab_size=500, torch_dtype="float32",
+                max_position_embeddings=512).save_pretrained(tmp_path / "wide")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(triton_backend, "shared_memory_limit", lambda device: 99 * 1024)
+    overrides = ["executor=torch", "model=hf", f"model.name_or_path={tmp_path / 'wide'}", "model.dtype=float32",
+                 "device=cuda", "kernel=triton", "logger=none"]
+    with pytest.raises(C.ConfigError, match=r"head dim 512 in float32 .* this GPU allows 99 KB.*fit"):
+        api.compose(*overrides)
+    api.compose(*overrides[:-1], "kernel=torch_gather")  # the other kernel is fine

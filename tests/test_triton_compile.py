@@ -79,7 +79,7 @@ def record_launches(dtype, dim, group, bs, splits, qdtype=None, limit=None) -> l
     real = triton_backend.kernels(torch.device("cuda"))  # compiled-mode module; loading needs no GPU
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(triton_backend, "kernels", lambda device: _Recorder(real, launches))
-        mp.setattr(triton_backend, "_shared_limit", lambda device: limit)  # None: default tiles
+        mp.setattr(triton_backend, "shared_memory_limit", lambda device: limit)  # None: default tiles
         triton_backend.attention(q, k, v, kv, meta, dim**-0.5, num_splits=splits)
     return launches
 

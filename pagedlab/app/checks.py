@@ -130,6 +130,16 @@ def _kernel_problems(cfg: DictConfig, spec: Any, device: str | None, errors: lis
         errors.append(f"kernel=triton is not allowed with model.dtype={dtype} on the CPU: "
                       "Triton's interpreter has no bfloat16; expected model.dtype=float32 or float16, "
                       "kernel=torch_gather, or a CUDA device")
+    elif device == "cuda" and spec is not None and not errors:
+        import torch
+
+        from pagedlab.kernels import triton_backend as tb
+
+        dev = torch.device(cfg.device if cfg.device != "auto" else "cuda")
+        problem = tb.shared_memory_problem(spec.num_heads, spec.num_kv_heads, spec.head_dim,
+                                           getattr(torch, spec.dtype), tb.shared_memory_limit(dev))
+        if problem:
+            errors.append(f"kernel=triton is not allowed for model={cfg.model.name} on {dev}: {problem}")
 
 
 def _budget_problems(cfg: DictConfig, spec: Any, device: str | None, errors: list[str]) -> None:

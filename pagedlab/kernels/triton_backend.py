@@ -93,7 +93,7 @@ def shared_bytes(rows: int, block_n: int, block_d: int, elem: int, pool_elem: in
     return kv_tiles + (rows * block_d + rows * block_n) * elem
 
 
-def _shared_limit(device: torch.device) -> int | None:
+def shared_memory_limit(device: torch.device) -> int | None:
     """Shared memory one program may use on `device` (opt-in maximum; None off CUDA)."""
     if device.type != "cuda":
         return None
@@ -130,6 +130,17 @@ def block_n_for(rows: int, dim: int, dtype: torch.dtype, limit: int | None, defa
         block_n //= 2
     return block_n
 
+
+
+def shared_memory_problem(heads: int, kv_heads: int, dim: int, dtype: torch.dtype, limit: int | None) -> str | None:
+    """Why the decode or prefill kernel cannot fit ``limit`` bytes of shared memory for this model
+    (the preflight asks before any work), or None."""
+    try:
+        block_n_for(_pow2(heads // kv_heads), dim, dtype, limit, BLOCK_N)
+        block_n_for(BLOCK_M, dim, dtype, limit, BLOCK_N_PREFILL)
+    except ValueError as exc:
+        return str(exc)
+    return None
 
 def _on_device(device: torch.device):
     """Launch on `device`: Triton launches on the current CUDA device (and its current stream), so
@@ -232,7 +243,7 @@ def _attention(query, key, value, kv, meta, scale, sliding_window, num_splits) -
     prec = _precision(query.dtype)  # the kernels compute in the query's dtype (K/V converted on load)
     # tiles small enough for the device's shared memory (fp32 at head dim 256 needs smaller tiles on
     # 99 KB parts: A10, L4, RTX 4090); checked before any launch
-    limit = _shared_limit(kv.device)
+    limit = shared_memory_limit(kv.device)
     block_g = _pow2(group)
     common = {"KV_HEADS": kv_heads, "G": group, "D": dim, "BS": bs, "BLOCK_D": _pow2(dim), "PREC": prec}
     strides = (query.stride(0), query.stride(1), out.stride(0), out.stride(1), meta.block_tables.stride(0))
