@@ -208,3 +208,26 @@ def test_docs_metrics_lists_every_column_and_summary_key():
     assert rows("## Step columns") == set(result.steps.columns)
     assert rows("## Per-sequence columns") == set(result.requests.columns)
     assert rows("## Summary keys") == summary_keys()
+
+
+def test_beam_scores_are_built_on_the_logits_device(monkeypatch):
+    """Beam search adds the beams' cumulative scores to the step's log-probs: on CUDA both must be
+    on the logits' device (no GPU here, so the device asked for is checked)."""
+    import torch
+
+    from pagedlab.engine.request import Request, SamplingParams, Sequence, SequenceGroup
+    from pagedlab.engine.sampler import LogitsSampler
+
+    group = SequenceGroup(Request(0, [1, 2], sampling=SamplingParams(beam_width=2)), Sequence(0, [1, 2], 2))
+    group.seqs.append(group.seqs[0].fork(1))
+    sampler = LogitsSampler()
+    sampler.begin_step(torch.randn(2, 11))
+    asked, real = [], torch.tensor
+
+    def tensor(*args, **kwargs):
+        asked.append(kwargs.get("device"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "tensor", tensor)
+    assert len(sampler.beam(group, [0, 1], 2, first=False)) == 4
+    assert asked == [sampler.logits.device]
