@@ -13,7 +13,6 @@ a header row of column names. Every cell is checked; a file that breaks any rule
 
 from __future__ import annotations
 
-import csv
 import difflib
 import json
 import math
@@ -25,39 +24,13 @@ from typing import Any
 import numpy as np
 
 from pagedlab.engine.request import Request, SamplingParams
+from pagedlab.workloads.trace_files import Row, TraceError, read_rows, show, where_in_file
 
 COLUMNS = ("prompt_token_ids", "prompt_len", "max_tokens", "arrival_time", "request_id", "n", "beam_width",
            "temperature", "top_p", "top_k", "seed", "ignore_eos")
-SUFFIXES = (".jsonl", ".json", ".csv")
-MAX_LISTED = 20  # problems listed in one TraceError; the rest are counted
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 _INT_TEXT = re.compile(r"[+-]?\d+")
-_ROW = re.compile(r"row (\d+)")
 _NUMBER_TEXT = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?|[+-]?(?:nan|inf|infinity)", re.IGNORECASE)
-
-Row = tuple[int | None, dict[str, Any] | None]  # (line or None, column -> raw value; None: unreadable)
-
-
-class TraceError(ValueError):
-    """A trace file that cannot be used; the message names the file and lists every problem."""
-
-    def __init__(self, path: str | Path, problems: list[str]) -> None:
-        self.path = str(path)
-        self.problems = sorted(problems, key=_row_of)  # the file's own problems first, then by row
-        listed = self.problems[:MAX_LISTED]
-        if len(problems) > MAX_LISTED:
-            listed.append(f"... and {len(problems) - MAX_LISTED} more")
-        count = f"{len(problems)} problem" + ("s" if len(problems) != 1 else "")
-        super().__init__(f"Invalid trace file {self.path!r} (workload.path), {count}:\n  " + "\n  ".join(listed))
-
-    def __reduce__(self) -> tuple[type, tuple[str, list[str]]]:  # picklable across worker processes
-        return TraceError, (self.path, self.problems)
-
-
-def _row_of(problem: str) -> int:
-    match = _ROW.match(problem)
-    return int(match.group(1)) if match else 0
-
 
 class _Bad(Exception):
     """A value its column refuses; the optional text says why beyond the column's rule."""
@@ -135,7 +108,7 @@ def _tokens(v: Any, vocab_size: int) -> list[int]:
         raise _Bad("the list is empty")
     if set(map(type, v)) != {int}:  # C-speed check; bools and floats fail it too
         i, t = next((i, t) for i, t in enumerate(v) if type(t) is not int)
-        raise _Bad(f"item {i} is {_show(t)}")
+        raise _Bad(f"item {i} is {show(t)}")
     if min(v) < 0 or max(v) >= vocab_size:
         i, t = next((i, t) for i, t in enumerate(v) if not 0 <= t < vocab_size)
         raise _Bad(f"item {i} is {t}")
@@ -158,141 +131,11 @@ CHECKS: dict[str, Check] = {
 SAMPLING = ("max_tokens", "n", "beam_width", "temperature", "top_p", "top_k", "seed", "ignore_eos")
 
 
-def _show(v: Any) -> str:
-    try:
-        text = json.dumps(v)
-    except (TypeError, ValueError):
-        text = repr(v)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
 def _missing(v: Any) -> bool:
     return v is None or (isinstance(v, str) and not v.strip())
 
 
-# --------------------------------------------------------------------------- file readers
-def _read_jsonl(path: Path, problems: list[str]) -> list[Row]:
-    rows: list[Row] = []
-    with path.open(encoding="utf-8-sig") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            line = line.rstrip()
-            try:
-                obj = json.loads(line)
-            except (ValueError, RecursionError) as exc:
-                where = _where(len(rows) + 1, line_no)
-                at = f" at column {exc.pos + 1}" if isinstance(exc, json.JSONDecodeError) else ""
-                problems.append(f"{where}: not valid JSON ({getattr(exc, 'msg', exc)}{at}): {line[:60]}{'...' if len(line) > 60 else ''}")
-                rows.append((line_no, None))
-                continue
-            rows.append((line_no, _record(obj, len(rows) + 1, line_no, problems)))
-    return rows
-
-
-def _read_json(path: Path, problems: list[str]) -> list[Row]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8-sig"))
-    except (ValueError, RecursionError) as exc:
-        hint = " (one object per line? then name the file .jsonl)" if "Extra data" in str(exc) else ""
-        problems.append(f"not valid JSON: {exc}{hint}")
-        return []
-    if isinstance(data, list):
-        return [(None, _record(obj, i, None, problems)) for i, obj in enumerate(data, 1)]
-    if isinstance(data, dict) and data and all(isinstance(c, (list, dict)) for c in data.values()):
-        return [(None, r) for r in _columns_to_records(data, problems)]
-    problems.append("expected a JSON list of row objects, or an object of columns; got "
-                    f"{_show(data)}")
-    return []
-
-
-def _columns_to_records(data: dict[str, Any], problems: list[str]) -> list[dict[str, Any]]:
-    lengths = {len(c) for c in data.values() if isinstance(c, list)}
-    if len(lengths) > 1:
-        problems.append(f"the columns have different lengths {sorted(lengths)}; expected one value per row in each")
-        return []
-    if lengths:
-        if any(isinstance(c, dict) for c in data.values()):
-            problems.append("expected every column as a list, or every column as an {index: value} object")
-            return []
-        return [{k: c[i] for k, c in data.items()} for i in range(lengths.pop())]
-    index = list(dict.fromkeys(i for c in data.values() for i in c))
-    return [{k: c[i] for k, c in data.items() if i in c} for i in index]
-
-
-def _record(obj: Any, number: int, line: int | None, problems: list[str]) -> dict[str, Any] | None:
-    if isinstance(obj, dict):
-        return obj
-    problems.append(f"{_where(number, line)}: expected a JSON object like {{\"prompt_len\": 16}}; "
-                    f"got {_show(obj)}")
-    return None
-
-
-def _read_csv(path: Path, problems: list[str]) -> list[Row]:
-    csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))  # long prompt_token_ids cells
-    rows: list[Row] = []
-    with path.open(newline="", encoding="utf-8-sig") as f:
-        reader = csv.reader(f)
-        try:
-            header = next(reader, None)
-            if header is None:
-                return rows
-            names = [h.strip() for h in header]
-            for name in sorted({n for n in names if names.count(n) > 1}):
-                problems.append(f"header (line 1): column {name!r} appears more than once")
-            last = reader.line_num
-            for fields in reader:
-                line, last = last + 1, reader.line_num
-                if not fields:  # blank line
-                    continue
-                if len(fields) != len(names):
-                    problems.append(f"{_where(len(rows) + 1, line)}: has {len(fields)} fields, expected "
-                                    f"{len(names)} as in the header")
-                    rows.append((line, None))
-                    continue
-                rows.append((line, dict(zip(names, fields))))
-        except csv.Error as exc:
-            problems.append(f"line {reader.line_num}: not valid CSV ({exc})")
-    return rows
-
-
-READERS: dict[str, Callable[[Path, list[str]], list[Row]]] = {
-    ".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv}
-
-
-def read_trace(path: str | Path) -> list[Row]:
-    """The rows of a trace file as raw values; raise TraceError if it cannot be read."""
-    rows, problems = _read(Path(path))
-    if problems:
-        raise TraceError(path, problems)
-    return rows
-
-
-def _read(path: Path) -> tuple[list[Row], list[str]]:
-    """Rows and the problems met reading them; raise TraceError at once for a file with no rows."""
-    if not path.is_file():
-        raise TraceError(path, ["the file does not exist" if not path.exists() else "not a file"])
-    suffix = path.suffix.lower()
-    if suffix not in READERS:
-        raise TraceError(path, [f"file type {path.suffix or '(none)'!r} is not allowed: expected "
-                                + ", ".join(SUFFIXES)])
-    problems: list[str] = []
-    try:
-        rows = READERS[suffix](path, problems)
-    except UnicodeDecodeError as exc:
-        raise TraceError(path, [f"not UTF-8 text ({exc.reason} at byte {exc.start})"]) from None
-    except OSError as exc:
-        raise TraceError(path, [f"cannot be read ({exc.strerror})"]) from None
-    if not rows:
-        raise TraceError(path, problems or ["the file has no rows; expected one request per row"])
-    return rows, problems
-
-
 # --------------------------------------------------------------------------- validation
-def _where(number: int, line: int | None) -> str:
-    return f"row {number}" + (f" (line {line})" if line is not None and line != number else "")
-
-
 def _check_columns(rows: list[Row], problems: list[str]) -> set[str]:
     first: dict[str, int] = {}
     for number, (_, record) in enumerate(rows, 1):
@@ -332,7 +175,7 @@ def _check_row(record: dict[str, Any], where: str, vocab_size: int, problems: li
             rule = (f"a non-empty list of integer token ids in 0..{vocab_size - 1} (vocab_size={vocab_size})"
                     if col == "prompt_token_ids" else CHECKS[col][2])
             why = f"; {bad.args[0]}" if bad.args and bad.args[0] else ""
-            problems.append(f"{where}: {col}={_show(raw)} is not allowed: expected {rule}{why}")
+            problems.append(f"{where}: {col}={show(raw)} is not allowed: expected {rule}{why}")
     return values if ok else None
 
 
@@ -349,7 +192,7 @@ def trace_requests(path: str | Path, *, seed: int, vocab_size: int, defaults: Sa
                    max_model_len: int | None = None) -> list[Request]:
     """The requests of a trace file; raise TraceError listing every problem (prompts longer than
     `max_model_len` together with max_tokens are one)."""
-    rows, problems = _read(Path(path))
+    rows, problems = read_rows(Path(path))
     columns = _check_columns(rows, problems)
     has_prompt_column = bool(columns & {"prompt_token_ids", "prompt_len"})
     ids = [r["request_id"] for _, r in rows if r and not _missing(r.get("request_id"))]
@@ -361,7 +204,7 @@ def trace_requests(path: str | Path, *, seed: int, vocab_size: int, defaults: Sa
     for number, (line, record) in enumerate(rows, 1):
         if record is None:  # unreadable: already reported
             continue
-        where = _where(number, line)
+        where = where_in_file(number, line)
         values = _check_row(record, where, vocab_size, problems)
         rid, given = number - 1, False
         raw_id = record.get("request_id")
@@ -370,12 +213,12 @@ def trace_requests(path: str | Path, *, seed: int, vocab_size: int, defaults: Sa
                 rid, given = _request_id(raw_id, int_text), True
             except _Bad:
                 values = None
-                problems.append(f"{where}: request_id={_show(raw_id)} is not allowed: expected an integer "
+                problems.append(f"{where}: request_id={show(raw_id)} is not allowed: expected an integer "
                                 "or a string")
         if rid in seen:
             other, other_given = seen[rid]
             note = "" if given and other_given else " (a row without request_id takes its 0-based index)"
-            problems.append(f"{where}: request_id={_show(rid)} is not allowed: expected a unique id; row "
+            problems.append(f"{where}: request_id={show(rid)} is not allowed: expected a unique id; row "
                             f"{other} has it too{note}")
         else:
             seen[rid] = (number, given)
