@@ -60,6 +60,9 @@ class SequenceLifecycle:
                     self._append(group, seq, sampler.sample(group, r))
             if group.first_token_time is None:
                 group.first_token_time = now
+            for seq in group.done:
+                if seq.finish_time is None:
+                    seq.finish_time = now
             if not group.seqs:
                 group.status = GroupStatus.FINISHED
                 group.finish_time = now

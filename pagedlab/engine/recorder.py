@@ -104,10 +104,11 @@ class Recorder:
             for rank, seq in enumerate(seqs):
                 out_len = seq.output_len
                 ttft = None if g.first_token_time is None else g.first_token_time - req.arrival_time
-                latency = None if g.finish_time is None else g.finish_time - req.arrival_time
+                finish = seq.finish_time if seq.finish_time is not None else g.finish_time
+                latency = None if finish is None else finish - req.arrival_time
                 tpot = None
-                if out_len > 1 and g.finish_time is not None and g.first_token_time is not None:
-                    tpot = (g.finish_time - g.first_token_time) / (out_len - 1)
+                if out_len > 1 and finish is not None and g.first_token_time is not None:
+                    tpot = (finish - g.first_token_time) / (out_len - 1)
                 rows.append({
                     "request_id": req.request_id,
                     "seq_index": rank,
@@ -120,7 +121,7 @@ class Recorder:
                     "beam_width": req.sampling.beam_width,
                     "arrival_time": req.arrival_time,
                     "first_token_time": g.first_token_time,
-                    "finish_time": g.finish_time,
+                    "finish_time": finish,
                     "ttft": ttft,
                     "tpot": tpot,
                     "latency": latency,

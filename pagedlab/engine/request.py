@@ -83,7 +83,8 @@ class GroupStatus(enum.Enum):
 class Sequence:
     """One token stream with KV in the cache. `num_computed` tokens already have KV."""
 
-    __slots__ = ("cum_logprob", "finish_reason", "num_computed", "prompt_len", "ready", "seq_id", "tokens")
+    __slots__ = ("cum_logprob", "finish_reason", "finish_time", "num_computed", "prompt_len", "ready", "seq_id",
+                 "tokens")
 
     def __init__(self, seq_id: int, tokens: list[int], prompt_len: int) -> None:
         self.seq_id = seq_id
@@ -92,6 +93,7 @@ class Sequence:
         self.num_computed = 0
         self.cum_logprob = 0.0
         self.finish_reason: str | None = None
+        self.finish_time: float | None = None  # when this sequence ended (its group may go on)
         self.ready = True  # False for forked samples waiting for their first token
 
     @property
