@@ -55,6 +55,7 @@ from .allocators import ALLOCATORS
 from .block_pool import ORDERS
 from .errors import KVCacheError
 from .invariants import check_invariants as _check_invariants
+from .stats import AllocStatus
 from .swap import SwapSpace
 
 
@@ -308,6 +309,37 @@ class BlockManager(Accounting):
     def check_invariants(self) -> None:
         """Recompute everything from the block tables; raise AssertionError on any mismatch."""
         _check_invariants(self)
+
+    # ------------------------------------------------------------------ the allocation contract
+    # Every policy (paged.py, contiguous.py and their layers) implements these; the scheduler uses them.
+    def can_allocate(self, token_ids: Sequence[int], final_len: int, num_seqs: int = 1) -> AllocStatus:
+        """OK / LATER (no room now, keeping ``watermark_blocks`` free) / NEVER (can never fit) for a
+        group of ``num_seqs`` sequences that start as ``token_ids`` and grow to ``final_len``."""
+        raise NotImplementedError
+
+    def allocate(self, seq_id: int, token_ids: Sequence[int], final_len: int) -> int:
+        """Give ``seq_id`` slots for all its tokens; return the tokens served by the prefix cache."""
+        raise NotImplementedError
+
+    def can_fork(self, parent_id: int, num_children: int = 1) -> bool:
+        """Whether ``num_children`` forks of ``parent_id`` fit now."""
+        raise NotImplementedError
+
+    def can_fork_many(self, parent_ids: Sequence[int]) -> bool:
+        """Whether one child of each entry of ``parent_ids`` (repeats allowed) fits now, all together."""
+        raise NotImplementedError
+
+    def fork(self, parent_id: int, child_id: int) -> list[tuple[int, int]]:
+        """Child gets the parent's tokens: shared (returns []) or copied (the (src, dst) copies)."""
+        raise NotImplementedError
+
+    def can_append(self, seq_ids: Sequence[int]) -> bool:
+        """Whether every sequence in ``seq_ids`` can get one more slot, all together."""
+        raise NotImplementedError
+
+    def append_slots(self, seq_ids: Sequence[int], token_ids: Sequence[int]) -> list[tuple[int, int]]:
+        """One slot per sequence; returns the copy-on-write copies (src, dst) it needs."""
+        raise NotImplementedError
 
     # ------------------------------------------------------------------ policy hooks
     def _admission_blocks(self, n: int, eff: int, num_seqs: int) -> tuple[int, int]:
