@@ -210,10 +210,9 @@ def test_triton_launches_on_the_pools_device(monkeypatch):
         def __getattr__(self, name):
             return Launcher()
 
-    cuda1 = torch.device("cuda", 1)
     monkeypatch.setattr(triton_backend, "kernels", lambda device: Module())
-    monkeypatch.setattr(triton_backend, "_on_device", lambda device: Guard(cuda1))
+    monkeypatch.setattr(triton_backend, "_on_device", lambda device: Guard(device))
     kv, meta, q, k, v, *_ = make_batch(MIXED_Q, MIXED_C, 16, 2, 2, 64)
     triton_backend.attention(q, k, v, kv, meta, 0.125, num_splits=2)
     triton_backend.write_kv(kv, k, v, meta)
-    assert len(launches) == 5 and all(g and g[-1] == cuda1 for g in launches), launches
+    assert len(launches) == 5 and all(g and g[-1] == kv.device for g in launches), launches

@@ -219,12 +219,12 @@ ENGINE_MODES = {  # config overrides of each end-to-end mode, on top of ENGINE_B
 }
 
 
-def _engine_run(kernel: str, mode: str, device: str):
+def _engine_run(kernel: str, mode: str, device: str, **extra: object):
     from pagedlab import compose
     from pagedlab.experiment import run_experiment
 
     over = {**ENGINE_BASE, "model.name_or_path": _tiny_model_dir(), "device": device, "kernel": kernel,
-            **ENGINE_MODES[mode]}
+            **ENGINE_MODES[mode], **extra}
     cfg = compose([f"{k}={v}" for k, v in over.items()])
     result = run_experiment(cfg, progress=False)
     df = result.requests
@@ -292,10 +292,11 @@ def triton_compiled(device: str = "cuda") -> int:
 
 
 def check_compile_counts(device: str = "cuda") -> tuple[bool, str]:
-    """A second identical greedy run with kernel=triton compiles nothing new."""
+    """A second greedy run with kernel=triton, on other requests (other lengths, so other block-table
+    widths and split counts), compiles nothing new."""
     _engine_run("triton", "greedy", device)
     first = triton_compiled(device)
-    _engine_run("triton", "greedy", device)
+    _engine_run("triton", "greedy", device, **{"workload.seed": 1234, "workload.prompt_len": "[5,60]"})
     second = triton_compiled(device)
     return second == first, f"triton kernels compiled: {first} after run 1, {second} after run 2"
 

@@ -114,8 +114,8 @@ def block_n_for(rows: int, dim: int, dtype: torch.dtype, limit: int | None, defa
     """Keys per tile for a program of `rows` query rows at head dim `dim`, computing in `dtype`: the
     default, halved until the variant fits `limit` bytes of shared memory. Raises ValueError, naming
     what fits, when not even MIN_BLOCK_N-key tiles do."""
-    block_d, elem = _pow2(dim), torch.empty((), dtype=dtype).element_size()
-    pool_elem = torch.empty((), dtype=pool_dtype or dtype).element_size()
+    block_d, elem = _pow2(dim), dtype.itemsize
+    pool_elem = (pool_dtype or dtype).itemsize
     block_n = default
     while limit is not None and shared_bytes(rows, block_n, block_d, elem, pool_elem) + SHARED_SLACK > limit:
         if block_n <= MIN_BLOCK_N:
