@@ -5,6 +5,7 @@ executor (the launcher code SLURM uses), Ray on a local Ray cluster, and Optuna.
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 import sys
 import warnings
@@ -117,3 +118,12 @@ def test_optuna_search_scores_trials_differently_and_names_the_best(tmp_path: Pa
     assert best["best_params"] == {"max_num_seqs": int(top["max_num_seqs"])}
     assert best["best_value"] == pytest.approx(top["throughput_tok_s"])
     assert "Best value" in proc.stdout + proc.stderr
+
+
+def test_the_readme_shows_the_commands_these_tests_run() -> None:
+    text = (Path(__file__).parents[1] / "README.md").read_text().replace("\\\n", " ")
+    commands = [shlex.split(line)[3:] for line in text.splitlines()
+                if line.strip().startswith("python -m pagedlab.run -m")]
+    for _, args in LAUNCHERS.values():
+        assert ["-m", *TINY, *POINTS, *args] in commands, args
+    assert ["-m", *OPTUNA] in commands
