@@ -161,6 +161,8 @@ class PagedLabConfig:
     max_num_batched_tokens: int = 8192
     max_model_len: int = 2048
     overwrite: bool = False
+    warmup_requests: int = 4
+    repeats: int = 1
     kv_cache: KVCacheConfig = field(default_factory=KVCacheConfig)
 
 
@@ -219,6 +221,8 @@ RULES: dict[str, Rule] = {
     "max_num_seqs": _int_range(1),
     "max_num_batched_tokens": _int_range(1),
     "max_model_len": _int_range(1),
+    "warmup_requests": _int_range(0),
+    "repeats": _int_range(1),
     "kv_cache.budget_gib": _positive(optional=True),
     "kv_cache.gpu_memory_utilization": _frac(),
     "kv_cache.num_blocks": _int_range(1, optional=True),

@@ -6,10 +6,18 @@ the same memory: num_blocks = floor(budget_bytes / (block_size * kv_bytes_per_to
 unset, derived as a serving engine does: device memory x gpu_memory_utilization - weights (the
 simulator uses the `hardware` preset; the torch executor the real device; on the CPU
 `kv_cache.cpu_budget_gib`).
+
+Wall-clock runs (``time_source = wall``) first run ``warmup_requests`` requests, untimed, through a
+fresh engine on the same executor (its time is ``warmup_s``); then the measured run is repeated
+``repeats`` times, each on fresh engine state, and the timed summary keys are the mean over repeats
+with ``_std``, ``_min`` and ``_max`` (docs/metrics.md, "Time: modelled vs wall").
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -43,6 +51,8 @@ class Built:
     model: ModelSpec
     num_blocks: int
     num_swap_blocks: int
+    new_engine: Callable[[], Engine] | None = None  # fresh engine state (block manager, scheduler, sampler,
+    # recorder) on the same executor: loaded weights and KV tensors are reused, block tables start empty
 
 
 def num_blocks_for(budget_bytes: float, block_size: int, kv_bytes_per_token: int, what: str) -> int:
@@ -139,52 +149,116 @@ def build(cfg: Any) -> Built:
     swap_gib = float(_get(cfg, "kv_cache.swap_gib", 0.0))
     num_swap = num_blocks_in_budget(swap_gib * GIB, block_size, spec.kv_bytes_per_token)
 
-    bm = BlockManager(
-        int(num_blocks), block_size,
-        allocator=_get(cfg, "allocator.name", "paged"), order=_get(cfg, "allocator.order", "lifo"),
-        cow=bool(_get(cfg, "cow", True)), prefix_cache=bool(_get(cfg, "prefix_cache", False)),
-        num_swap_blocks=num_swap, max_model_len=max_model_len,
-        watermark_blocks=int(float(_get(cfg, "kv_cache.watermark", 0.01)) * int(num_blocks)),
-    )
-    scheduler = Scheduler(
-        bm, max_num_seqs=int(_get(cfg, "max_num_seqs", 256)),
-        max_num_batched_tokens=int(_get(cfg, "max_num_batched_tokens", 8192)),
-        max_model_len=max_model_len, eviction_mode=_get(cfg, "eviction.mode", "recompute"),
-        victim=_get(cfg, "eviction.victim", "newest"),
-        eos_token_id=None if torch_parts is None else torch_parts.eos_token_id,
-    )
     seed = int(_get(cfg, "seed", 0))
     if torch_parts is None:
-        executor, sampler = SimExecutor(spec, sim_hardware(cfg), block_size), SimSampler(spec.vocab_size, seed)
+        executor = SimExecutor(spec, sim_hardware(cfg), block_size)
     else:
         executor = torch_parts.make_executor(int(num_blocks), block_size, num_swap)
-        sampler = LogitsSampler(seed)
-    engine = Engine(bm, scheduler, executor, sampler)
+
+    def new_engine() -> Engine:
+        bm = BlockManager(
+            int(num_blocks), block_size,
+            allocator=_get(cfg, "allocator.name", "paged"), order=_get(cfg, "allocator.order", "lifo"),
+            cow=bool(_get(cfg, "cow", True)), prefix_cache=bool(_get(cfg, "prefix_cache", False)),
+            num_swap_blocks=num_swap, max_model_len=max_model_len,
+            watermark_blocks=int(float(_get(cfg, "kv_cache.watermark", 0.01)) * int(num_blocks)),
+        )
+        scheduler = Scheduler(
+            bm, max_num_seqs=int(_get(cfg, "max_num_seqs", 256)),
+            max_num_batched_tokens=int(_get(cfg, "max_num_batched_tokens", 8192)),
+            max_model_len=max_model_len, eviction_mode=_get(cfg, "eviction.mode", "recompute"),
+            victim=_get(cfg, "eviction.victim", "newest"),
+            eos_token_id=None if torch_parts is None else torch_parts.eos_token_id,
+        )
+        sampler = SimSampler(spec.vocab_size, seed) if torch_parts is None else LogitsSampler(seed)
+        return Engine(bm, scheduler, executor, sampler)
+
+    engine = new_engine()
     requests = build_requests(cfg, spec.vocab_size, max_model_len)
-    return Built(engine, requests, spec, int(num_blocks), num_swap)
+    return Built(engine, requests, spec, int(num_blocks), num_swap, new_engine)
+
+
+# the summary keys measured on the clock: averaged over repeats, with a spread
+TIMED_KEYS = ("throughput_tok_s", "requests_per_s", "ttft_p50", "ttft_p99", "tpot_p50", "normalized_latency_mean",
+              "makespan_s")
+SPREAD_SUFFIXES = ("_std", "_min", "_max")
+
+
+def warmup_requests(requests: list[Request], n: int) -> list[Request]:
+    """The first ``n`` requests of the workload (arrival order), all arriving at 0: the same shapes
+    (prompt and output lengths, sampling), batched together at once."""
+    first = sorted(requests, key=lambda r: r.arrival_time)[:n]
+    return [dataclasses.replace(r, arrival_time=0.0) for r in first]
+
+
+def aggregate(summaries: list[dict[str, Any]]) -> dict[str, Any]:
+    """One summary from the repeats': the first repeat's, with each timed key replaced by the mean
+    over repeats plus ``<key>_std`` (sample standard deviation, ddof=1; 0 for one repeat), ``_min``
+    and ``_max``, and ``repeats``."""
+    out = dict(summaries[0])
+    for key in TIMED_KEYS:
+        vals = [float(s[key]) for s in summaries]
+        out[key] = vals[0] if all(_same(v, vals[0]) for v in vals) else sum(vals) / len(vals)  # exact if equal
+        if len(vals) > 1 and not math.isnan(out[key]):
+            mean = out[key]
+            out[f"{key}_std"] = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1))
+        else:  # one repeat measures no spread: 0 (not NaN, so equal summaries compare equal); `repeats` says so
+            out[f"{key}_std"] = 0.0 if not math.isnan(out[key]) else float("nan")
+        out[f"{key}_min"], out[f"{key}_max"] = min(vals), max(vals)
+    out["repeats"] = len(summaries)
+    return out
+
+
+def _same(a: Any, b: Any) -> bool:
+    return a == b or (isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b))
 
 
 def run_experiment(cfg: Any, progress: bool = True,
                    on_step: Callable[[dict[str, Any]], None] | None = None) -> RunResult:
-    """Run the workload the config describes; returns summary, per-step and per-sequence tables."""
+    """Run the workload the config describes; returns summary, per-step and per-sequence tables.
+
+    Wall-clock runs first run ``warmup_requests`` requests through a fresh engine (untimed, reported
+    as ``warmup_s``); the measured run is repeated ``repeats`` times on fresh engine state. The tables
+    (and ``on_step``) are the first repeat's; the timed summary keys are means over the repeats."""
     built = build(cfg)
+    wall = built.engine.executor.time_source == "wall"
+    repeats = int(_get(cfg, "repeats", 1))
+    n_warm = int(_get(cfg, "warmup_requests", 4)) if wall else 0
+    warmup_s = 0.0
+    if n_warm and built.requests and built.new_engine is not None:
+        t0 = time.perf_counter()
+        built.new_engine().run(warmup_requests(built.requests, n_warm))
+        warmup_s = time.perf_counter() - t0
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(built.requests), desc="requests", unit="req", leave=False)
+        bar = tqdm(total=len(built.requests) * repeats, desc="requests", unit="req", leave=False)
     try:
         result = built.engine.run(built.requests, progress=bar.update if bar else None, on_step=on_step)
+        summaries = [result.summary]
+        for _ in range(repeats - 1):
+            engine = built.new_engine() if built.new_engine is not None else build(cfg).engine
+            summaries.append(engine.run(built.requests, progress=bar.update if bar else None).summary)
     finally:
         if bar is not None:
             bar.close()
+    if not wall:  # the simulator is deterministic: a repeat that differs is a bug, not noise
+        for i, s in enumerate(summaries[1:], 2):
+            diff = [k for k in s if not _same(s[k], summaries[0][k])]
+            if diff:
+                raise RuntimeError(f"simulated repeat {i} differs from repeat 1 in {', '.join(diff)}")
+    result.summary = aggregate(summaries)
     result.summary.update(num_blocks=built.num_blocks, num_swap_blocks=built.num_swap_blocks,
-                          block_size=int(cfg.block_size), kv_bytes_per_token=built.model.kv_bytes_per_token)
+                          block_size=int(cfg.block_size), kv_bytes_per_token=built.model.kv_bytes_per_token,
+                          warmup_s=warmup_s)
     result.config = _to_dict(cfg)
     return result
 
 
-RUN_SUMMARY_KEYS = ("num_blocks", "num_swap_blocks", "block_size", "kv_bytes_per_token")  # added above
+RUN_SUMMARY_KEYS = ("num_blocks", "num_swap_blocks", "block_size", "kv_bytes_per_token", "warmup_s",
+                    "repeats")  # added above
+SPREAD_KEYS = tuple(f"{k}{suffix}" for k in TIMED_KEYS for suffix in SPREAD_SUFFIXES)
 
 
 def summary_keys() -> set[str]:
@@ -197,7 +271,7 @@ def summary_keys() -> set[str]:
     steps = pd.DataFrame(columns=[*STEP_COLUMNS, "reserved_slots", "internal_frag"], dtype=float)
     requests = pd.DataFrame(columns=["status", "seq_index", "output_len", "arrival_time", "finish_time", "ttft",
                                      "tpot", "normalized_latency"])
-    return {*summarize(steps, requests, "modelled"), *Engine.SUMMARY_KEYS, *RUN_SUMMARY_KEYS}
+    return {*summarize(steps, requests, "modelled"), *Engine.SUMMARY_KEYS, *RUN_SUMMARY_KEYS, *SPREAD_KEYS}
 
 
 def _to_dict(cfg: Any) -> dict[str, Any]:

@@ -43,10 +43,41 @@ def dir_label(path: str | Path) -> str:
 
 
 def format_summary(summary: dict[str, Any]) -> str:
+    """The summary's main keys, one per line; each timed key shows its spread over repeats and where
+    its time came from, e.g. ``throughput_tok_s  1975 ± 40 (wall, 3 repeats, warm-up 0.4 s excluded)``."""
+    from pagedlab.experiment import TIMED_KEYS
+
     keys = [k for k in METRICS if k in summary] + [k for k in ("num_blocks", "block_size") if k in summary]
     width = max(map(len, keys), default=0)
-    return "\n".join(f"  {k:<{width}}  {summary[k]:.4g}" if isinstance(summary[k], float) else
-                     f"  {k:<{width}}  {summary[k]}" for k in keys)
+    note = time_note(summary)
+
+    def value(k: str) -> str:
+        v = summary[k]
+        if not isinstance(v, float):
+            return str(v)
+        text = f"{v:.4g}"
+        if k in TIMED_KEYS:
+            std = summary.get(f"{k}_std")
+            if int(summary.get("repeats", 1)) > 1 and isinstance(std, float):
+                text += f" ± {std:.2g}"
+            text += f" ({note})"
+        return text
+
+    return "\n".join(f"  {k:<{width}}  {value(k)}" for k in keys)
+
+
+def time_note(summary: dict[str, Any]) -> str:
+    """Where a timed figure comes from: ``wall, 3 repeats, warm-up 0.4 s excluded`` or ``modelled``."""
+    source, repeats = summary.get("time_source", "?"), int(summary.get("repeats", 1))
+    parts = [str(source)]
+    if repeats > 1:
+        parts.append(f"{repeats} repeats")
+    if source == "wall":
+        if repeats == 1:
+            parts.append("1 run")
+        warm = summary.get("warmup_s")
+        parts.append(f"warm-up {warm:.2g} s excluded" if isinstance(warm, float) and warm > 0 else "no warm-up")
+    return ", ".join(parts)
 
 
 def _run_name(hc: Any) -> str:

@@ -107,6 +107,8 @@ BAD = [  # override, words the message must contain
     ("block_size=8,16,0", ["block_size", "0", "1..256"]),
     ("+experiment=nope", ["experiment", "nope", "memory_waste_breakdown"]),
     ("model.forward=fast", ["model.forward", "fast", "auto", "compact", "hf"]),
+    ("repeats=0", ["repeats", "0", ">= 1"]),
+    ("warmup_requests=-1", ["warmup_requests", "-1", ">= 0"]),
 ]
 
 
@@ -126,7 +128,7 @@ def test_bad_overrides_name_field_value_and_allowed(override: str, words: list[s
     "workload.request_rate=inf", "device=cuda:1", "+objective=memory_waste", "hydra.run.dir=x",
     "hydra/launcher=joblib", "block_size=range(8,33,8)", "allocator=glob(contiguous_*)",
     "workload.prompt_len=[8,8]", "logger.tags=[a,b]", "model.dtype=bfloat16",
-    "model.forward=hf",
+    "model.forward=hf", "repeats=3", "warmup_requests=0",
 ])
 def test_good_overrides_pass(override: str) -> None:
     assert check_overrides([override]) == []
