@@ -216,3 +216,16 @@ def test_triton_launches_on_the_pools_device(monkeypatch):
     triton_backend.attention(q, k, v, kv, meta, 0.125, num_splits=2)
     triton_backend.write_kv(kv, k, v, meta)
     assert len(launches) == 5 and all(g and g[-1] == kv.device for g in launches), launches
+
+
+def test_gather_workspace_made_in_inference_mode_serves_outside_it_too():
+    """The workspace is shared across calls: one allocated under `torch.inference_mode` (an engine
+    run) must not break a later call outside it (a test, a notebook)."""
+    from pagedlab.kernels import torch_gather
+
+    torch_gather._workspace.clear()
+    kv, meta, q, k, v, *_ = make_batch(MIXED_Q, MIXED_C, 16, 2, 2, 64)
+    with torch.inference_mode():
+        inside = torch_gather.attention(q, k, v, kv.clone(), meta, 0.125)
+    outside = torch_gather.attention(q, k, v, kv, meta, 0.125)
+    torch.testing.assert_close(inside, outside)

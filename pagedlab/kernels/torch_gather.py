@@ -31,7 +31,7 @@ from pagedlab.kernels.metadata import PagedMetadata
 CHUNK_BYTES = {"cpu": 16 << 20, "cuda": 1 << 30}  # gathered K+V per decode chunk
 PREFILL_SCORE_BYTES = 256 << 20  # CUDA: fp32 scores [H, q_chunk, ctx] of one masked prefill call, at most
 VIEW_MIN_TOKENS = 256  # a run of consecutive slots this long is read in place, not gathered
-_workspace: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+_workspace: dict[tuple[torch.device, torch.dtype, bool], torch.Tensor] = {}
 
 
 def write_kv(kv: torch.Tensor, key: torch.Tensor, value: torch.Tensor, meta: PagedMetadata) -> None:
@@ -42,7 +42,9 @@ def write_kv(kv: torch.Tensor, key: torch.Tensor, value: torch.Tensor, meta: Pag
 
 
 def _buffer(numel: int, like: torch.Tensor) -> torch.Tensor:
-    key = (like.device, like.dtype)
+    """The shared gather workspace, grown as needed. One made under `torch.inference_mode` cannot be
+    written outside it (and the other way round), so each mode keeps its own."""
+    key = (like.device, like.dtype, torch.is_inference_mode_enabled())
     buf = _workspace.get(key)
     if buf is None or buf.numel() < numel:
         buf = _workspace[key] = torch.empty(numel, dtype=like.dtype, device=like.device)
