@@ -11,24 +11,27 @@ from pagedlab.experiment import SPREAD_KEYS, TIMED_KEYS, aggregate, run_experime
 from pagedlab.run import format_summary
 from tests.test_engine import make_cfg
 
-SLOW_FIRST_STEP_S = 0.5
+SLOW_FIRST_STEP_S = 1000.0  # on a fake clock: far beyond anything a tiny run takes, and costs no time
 TINY = {"executor.name": "torch", "model.name": "tiny_llama", "device": "cpu", "workload.num_requests": 3,
         "workload.prompt_len": [4, 8], "workload.output_len": [2, 4], "kv_cache.num_blocks": 64}
 
 
 def _slow_first_forward(monkeypatch) -> list[int]:
-    """Make the process's first forward pass sleep (a stand-in for one-time start-up costs)."""
+    """Make the process's first forward pass take SLOW_FIRST_STEP_S (a stand-in for one-time start-up
+    costs) on a fake clock: ``time.perf_counter`` jumps by that much, so the test asserts where the
+    jump lands, not how fast this machine is."""
     from pagedlab.executors.torch_executor import TorchExecutor
 
     calls: list[int] = []
-    real = TorchExecutor.execute
+    real, real_clock, jump = TorchExecutor.execute, time.perf_counter, [0.0]
 
     def execute(self, step):
         if not calls:
-            time.sleep(SLOW_FIRST_STEP_S)
+            jump[0] += SLOW_FIRST_STEP_S
         calls.append(1)
         return real(self, step)
 
+    monkeypatch.setattr(time, "perf_counter", lambda: real_clock() + jump[0])
     monkeypatch.setattr(TorchExecutor, "execute", execute)
     return calls
 
