@@ -7,7 +7,6 @@ import importlib.util
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -139,11 +138,9 @@ def test_preflight_accepts_good_plans(files: dict[str, str]) -> None:
                       "sampling=parallel"], False) is None
 
 
-def test_preflight_of_many_points_is_fast() -> None:
-    start = time.perf_counter()
+def test_preflight_checks_every_point_of_a_48_point_sweep() -> None:
     assert preflight([*TINY, "block_size=1,2,4,8,16,32,64,128", "allocator=paged,contiguous_max,contiguous_pow2",
-                      "cow=true,false"], True) is None  # 48 points
-    assert time.perf_counter() - start < 30
+                      "cow=true,false"], True) is None  # 48 points, one Hydra initialization (tests never time)
 
 
 def test_hf_config_drives_the_simulator(files: dict[str, str]) -> None:
