@@ -182,3 +182,12 @@ def test_compact_forward_shares_weights_and_refuses_other_model_types(model_dirs
         HFModel(gpt2, "compact")
     with pytest.raises(ValueError, match="model.forward='fast' is not one of"):
         HFModel(hf, "fast")
+
+
+def test_every_dtype_spelling_the_config_allows_resolves():
+    """`model.dtype=fp32` (or bf16, fp16) passes the config's rules, so the torch path must take it too."""
+    from pagedlab.models.hf_adapter import resolve_dtype
+    from pagedlab.models.presets import DTYPE_BYTES
+
+    for name, size in DTYPE_BYTES.items():
+        assert resolve_dtype(name).itemsize == size

@@ -134,12 +134,11 @@ def _kernel_problems(cfg: DictConfig, spec: Any, device: str | None, errors: lis
         import torch
 
         from pagedlab.kernels import triton_backend as tb
+        from pagedlab.models.hf_adapter import resolve_dtype
 
-        dtypes = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-                  "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
         dev = torch.device(cfg.device if cfg.device != "auto" else "cuda")
-        problem = tb.shared_memory_problem(spec.num_heads, spec.num_kv_heads, spec.head_dim, dtypes[spec.dtype],
-                                           tb.shared_memory_limit(dev))
+        problem = tb.shared_memory_problem(spec.num_heads, spec.num_kv_heads, spec.head_dim,
+                                           resolve_dtype(spec.dtype), tb.shared_memory_limit(dev))
         if problem:
             errors.append(f"kernel=triton is not allowed for this model on {dev}: "
                           f"{problem.removeprefix('kernel=triton: ')}")

@@ -38,7 +38,8 @@ from pagedlab.kernels import KVCache, PagedMetadata
 from pagedlab.models.presets import FORWARDS
 
 ATTN_NAME = "pagedlab"
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,  # and the
+          "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # short names the config allows
 COMPACT_TYPES = ("llama", "qwen2", "mistral")  # pre-norm, RoPE, GQA, SwiGLU: one compact forward
 
 
