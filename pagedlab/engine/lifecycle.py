@@ -49,20 +49,17 @@ class SequenceLifecycle:
                 seq.num_computed = len(seq.tokens)
             if group.is_beam:
                 self._beam_step(group, sampler.beam(group, rows, group.sampling.beam_width,
-                                                    any(not s.ready for s in group.seqs)), sched)
+                                                    any(not s.ready for s in group.seqs)), sched, now)
             elif len(seqs) < len(group.seqs):  # first step of parallel sampling: n from one row
                 for seq, token in zip(list(group.seqs), sampler.sample_n(group, rows[0], len(group.seqs))):
                     seq.num_computed = seqs[0].num_computed
                     seq.ready = True
-                    self._append(group, seq, token)
+                    self._append(group, seq, token, now)
             else:
                 for seq, r in zip(list(seqs), rows):
-                    self._append(group, seq, sampler.sample(group, r))
+                    self._append(group, seq, sampler.sample(group, r), now)
             if group.first_token_time is None:
                 group.first_token_time = now
-            for seq in group.done:
-                if seq.finish_time is None:
-                    seq.finish_time = now
             if not group.seqs:
                 group.status = GroupStatus.FINISHED
                 group.finish_time = now
@@ -70,7 +67,7 @@ class SequenceLifecycle:
                 ended.append(group)
         return ended
 
-    def _append(self, group: SequenceGroup, seq: Sequence, token: int) -> None:
+    def _append(self, group: SequenceGroup, seq: Sequence, token: int, now: float) -> None:
         """Add a generated token; a finished sequence gives its blocks back."""
         seq.tokens.append(token)
         p = group.sampling
@@ -80,12 +77,13 @@ class SequenceLifecycle:
             seq.finish_reason = "eos"
         else:
             return
+        seq.finish_time = now
         self.free_seq(seq)
         group.seqs.remove(seq)
         group.done.append(seq)
 
     def _beam_step(self, group: SequenceGroup, candidates: list[tuple[int, int, float]],
-                   sched: SchedulerOutput) -> None:
+                   sched: SchedulerOutput, now: float) -> None:
         """Keep the k best continuations: drop the beams no survivor descends from, fork the
         parents chosen more than once (free first; copying policies preempt others for room, or
         this group itself when even alone it cannot hold the copies)."""
@@ -98,7 +96,7 @@ class SequenceLifecycle:
                 if rank < k:  # a finished hypothesis, as Hugging Face keeps them
                     hyp = beams[parent].fork(-1)
                     hyp.tokens.append(token)
-                    hyp.cum_logprob, hyp.finish_reason = score, "eos"
+                    hyp.cum_logprob, hyp.finish_reason, hyp.finish_time = score, "eos", now
                     group.done.append(hyp)
                 continue
             chosen.append((parent, token, score))
@@ -140,7 +138,7 @@ class SequenceLifecycle:
             for seq in group.seqs:
                 self.free_seq(seq)
             for seq in survivors:
-                seq.finish_reason = "length"
+                seq.finish_reason, seq.finish_time = "length", now
             group.done = sorted(group.done + (survivors if at_max else []), key=lambda s: -s.cum_logprob)[:k]
             group.seqs = []
         else:
