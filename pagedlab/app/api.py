@@ -69,10 +69,14 @@ def finish(cfg: DictConfig) -> tuple[DictConfig, dict]:
 
 def compose_point(raw: Callable[[Sequence[str]], DictConfig], overrides: Sequence[str]) -> tuple[DictConfig, dict]:
     """Check the overrides, compose them with ``raw`` (see :func:`composer`) and check the result."""
+    _refuse_bad(overrides)
+    return finish(raw(overrides))
+
+
+def _refuse_bad(overrides: Sequence[str]) -> None:
     errors = check_overrides(list(overrides))
     if errors:
         raise ConfigError("Invalid overrides:\n  " + "\n  ".join(errors), errors)
-    return finish(raw(overrides))
 
 
 def compose_with_choices(overrides: Sequence[str] = (), config_name: str = "config") -> tuple[DictConfig, dict]:
@@ -104,9 +108,7 @@ def _fmt(v: Any) -> str:
 
 def _apply(cfg: DictConfig, point: Mapping[str, Any]) -> tuple[DictConfig, dict[str, Any]]:
     """A copy of cfg with point applied: group keys load ``conf/<group>/<choice>.yaml``."""
-    errors = check_overrides([format_override(k, v) for k, v in point.items()])
-    if errors:
-        raise ConfigError("Invalid overrides:\n  " + "\n  ".join(errors), errors)
+    _refuse_bad([format_override(k, v) for k, v in point.items()])
     cfg = cfg.copy()
     choices: dict[str, Any] = {}
     for key, value in point.items():
