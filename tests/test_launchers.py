@@ -112,7 +112,11 @@ def test_optuna_search_scores_trials_differently_and_names_the_best(tmp_path: Pa
     sweep = only_sweep(tmp_path)
     df = pd.read_parquet(sweep / "summary.parquet")
     assert len(df) == 4 and (df["status"] == "finished").all() and df["max_num_seqs"].between(4, 64).all()
-    assert df["throughput_tok_s"].nunique() == 4, df[["max_num_seqs", "throughput_tok_s"]]  # the search matters
+    # the search matters: each value it tries scores its own throughput (the sampler may try a value twice,
+    # and the simulator then gives the same number)
+    per_value = df.groupby("max_num_seqs")["throughput_tok_s"]
+    assert (per_value.nunique() == 1).all(), df[["max_num_seqs", "throughput_tok_s"]]
+    assert per_value.first().nunique() == df["max_num_seqs"].nunique() >= 2, df[["max_num_seqs", "throughput_tok_s"]]
     best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
     top = df.loc[df["throughput_tok_s"].idxmax()]
     assert best["best_params"] == {"max_num_seqs": int(top["max_num_seqs"])}
