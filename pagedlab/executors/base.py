@@ -7,10 +7,12 @@ mappings already resolved, plus the block copies and swaps the block manager ord
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     import torch
+
+    from pagedlab.models.presets import ModelSpec
 
 
 @dataclass
@@ -67,3 +69,22 @@ class Executor(Protocol):
     time_source: str
 
     def execute(self, step: StepInput) -> StepOutput: ...
+
+
+class Backend(Protocol):
+    """What ``executor._target_`` names: built with the composed config, it loads (or describes) the model
+    once; the engine then makes executors with the block counts the budget gives, and token samplers.
+
+    ``default_budget_bytes`` is the KV budget when the config sets none (None: unknown), ``budget_what``
+    names where it comes from (for error messages); ``eos_token_id`` ends sequences unless
+    ``ignore_eos``. ``make_executor`` may be called more than once (fresh engine state per repeat) and
+    reuses what was loaded."""
+
+    spec: ModelSpec
+    default_budget_bytes: float | None
+    budget_what: str
+    eos_token_id: int | None
+
+    def make_executor(self, num_blocks: int, block_size: int, num_swap_blocks: int) -> Executor: ...
+
+    def make_sampler(self, seed: int) -> Any: ...
