@@ -20,13 +20,12 @@ from hydra.core.config_store import ConfigStore
 from hydra.errors import CompactHydraException
 from omegaconf import DictConfig, OmegaConf
 
-from pagedlab.engine.scheduler import EVICTION_MODES, VICTIMS
-from pagedlab.kv import ALLOCATORS, ORDERS
 from pagedlab.models.presets import DTYPE_BYTES, FORWARDS, HARDWARE_PRESETS, MODEL_PRESETS
-from pagedlab.workloads import WORKLOADS
 
 VERSION_BASE = "1.3"
 GROUPS = ("allocator", "eviction", "kernel", "executor", "model", "hardware", "workload", "sampling", "logger")
+# the groups that name a class (``_target_``, see pagedlab/parts.py): free-form, their constructors check them
+PART_GROUPS = ("allocator", "eviction", "kernel", "executor", "workload", "logger")
 COMPONENTS = ("allocator", "executor", "kernel", "model", "workload")  # W&B tags / job_type
 EXTRA_KEYS = ("objective",)  # top-level keys outside the schema that `+key=value` may add (see run.py)
 
@@ -69,28 +68,6 @@ class KVCacheConfig:
 
 
 @dataclass
-class AllocatorConfig:
-    name: str = "paged"
-    order: str = "lifo"
-
-
-@dataclass
-class EvictionConfig:
-    mode: str = "recompute"
-    victim: str = "newest"
-
-
-@dataclass
-class KernelConfig:
-    name: str = "torch_gather"
-
-
-@dataclass
-class ExecutorConfig:
-    name: str = "torch"
-
-
-@dataclass
 class ModelConfig:
     name: str = "tiny_llama"
     name_or_path: str | None = None
@@ -104,20 +81,6 @@ class HardwareConfig:
 
 
 @dataclass
-class WorkloadConfig:
-    name: str = "uniform"
-    num_requests: int = 32
-    request_rate: float | None = None
-    seed: int | None = None
-    path: str | None = None
-    prompt_len: list[int] = field(default_factory=lambda: [16, 128])
-    output_len: list[int] = field(default_factory=lambda: [16, 128])
-    n: int | None = None
-    beam_width: int | None = None
-    shared_prefix_len: int = 0
-
-
-@dataclass
 class SamplingConfig:
     temperature: float = 0.0
     top_p: float = 1.0
@@ -127,31 +90,23 @@ class SamplingConfig:
     max_tokens: int = 64
     ignore_eos: bool = True
     seed: int | None = None
-
-
-@dataclass
-class LoggerConfig:
-    name: str = "wandb"
-    mode: str = "offline"
-    project: str = "pagedlab"
-    entity: str | None = None
-    tags: list[str] = field(default_factory=list)
-    log_every: int = 10
+    sampler: Any = None  # a TokenSampler node (``_target_``); null: the executor's own
 
 
 @dataclass
 class PagedLabConfig:
-    """Top-level schema; each group file merges into its typed node."""
+    """Top-level schema; each group file merges into its node (typed for model, hardware and sampling;
+    free-form for the parts, whose ``_target_`` classes check their own arguments)."""
 
-    allocator: AllocatorConfig = field(default_factory=AllocatorConfig)
-    eviction: EvictionConfig = field(default_factory=EvictionConfig)
-    kernel: KernelConfig = field(default_factory=KernelConfig)
-    executor: ExecutorConfig = field(default_factory=ExecutorConfig)
+    allocator: dict[str, Any] = field(default_factory=dict)
+    eviction: dict[str, Any] = field(default_factory=dict)
+    kernel: dict[str, Any] = field(default_factory=dict)
+    executor: dict[str, Any] = field(default_factory=dict)
     model: ModelConfig = field(default_factory=ModelConfig)
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
-    workload: WorkloadConfig = field(default_factory=WorkloadConfig)
+    workload: dict[str, Any] = field(default_factory=dict)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
-    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    logger: dict[str, Any] = field(default_factory=dict)
     block_size: int = 16
     cow: bool = True
     prefix_cache: bool = False
@@ -166,13 +121,14 @@ class PagedLabConfig:
     kv_cache: KVCacheConfig = field(default_factory=KVCacheConfig)
 
 
-GROUP_SCHEMAS: dict[str, type] = {g: typing.get_type_hints(PagedLabConfig)[g] for g in GROUPS}
+GROUP_SCHEMAS: dict[str, type] = {g: typing.get_type_hints(PagedLabConfig)[g] for g in GROUPS if g not in PART_GROUPS}
 
 
 def register() -> None:
     """Store the schemas as root configs (so they are not listed as groups): ``pagedlab_schema``
-    (top level, first in config.yaml's defaults) and ``<group>_schema`` for each group node, which
-    a user's own group file can extend with ``defaults: [/allocator_schema@_here_, _self_]``."""
+    (top level, first in config.yaml's defaults) and ``<group>_schema`` for each typed group node
+    (model, hardware, sampling), which a user's own group file can extend with
+    ``defaults: [/model_schema@_here_, _self_]``. The part groups are free-form (their classes check them)."""
     cs = ConfigStore.instance()
     cs.store(name="pagedlab_schema", node=PagedLabConfig)
     for group, schema in GROUP_SCHEMAS.items():
@@ -229,17 +185,10 @@ RULES: dict[str, Rule] = {
     "kv_cache.swap_gib": _positive(zero=True),
     "kv_cache.watermark": _frac(lo_open=False),
     "kv_cache.cpu_budget_gib": _positive(),
-    "allocator.name": _one_of(*ALLOCATORS),
-    "allocator.order": _one_of(*ORDERS),
-    "eviction.mode": _one_of(*EVICTION_MODES),
-    "eviction.victim": _one_of(*VICTIMS),
-    "kernel.name": _one_of("torch_gather", "triton"),
-    "executor.name": _one_of("torch", "sim"),
     "hardware.name": _one_of(*HARDWARE),
     "model.name": _one_of(*MODELS),
     "model.dtype": _one_of(*DTYPES),
     "model.forward": _one_of(*FORWARDS),
-    "workload.name": _one_of(*WORKLOADS),
     "workload.num_requests": _int_range(1),
     "workload.request_rate": _positive(optional=True),
     "workload.prompt_len": (_length_range, "[lo, hi] with 1 <= lo <= hi"),
@@ -253,7 +202,6 @@ RULES: dict[str, Rule] = {
     "sampling.n": _int_range(1),
     "sampling.beam_width": _int_range(1),
     "sampling.max_tokens": _int_range(1),
-    "logger.name": _one_of("wandb", "none"),
     "logger.mode": _one_of("offline", "online", "disabled"),
     "logger.log_every": _int_range(1),
 }
@@ -298,12 +246,6 @@ def validate(cfg: DictConfig) -> None:
     if cfg.model.name == "hf" and not _is_set(cfg.model, "name_or_path"):
         errors.append("model.name_or_path=null is not allowed with model=hf: expected a Hugging Face "
                       "model id or a local checkpoint folder (model.name_or_path=PATH)")
-    if cfg.workload.name == "trace" and not _is_set(cfg.workload, "path"):
-        errors.append("workload.path=null is not allowed with workload=trace: expected a JSONL or CSV "
-                      "file (workload.path=FILE)")
-    if cfg.prefix_cache and cfg.allocator.name != "paged":
-        errors.append(f"prefix_cache=true is not allowed with allocator={cfg.allocator.name}: expected "
-                      "allocator=paged (contiguous allocators never share blocks)")
     errors.extend(_sampling_problems(cfg) + _length_problems(cfg))
     raise_problems(errors)
 
@@ -330,9 +272,10 @@ def _sampling_problems(cfg: DictConfig) -> list[str]:
 def _length_problems(cfg: DictConfig) -> list[str]:
     """Synthetic lengths that would be silently cut to fit max_model_len."""
     w, mml = cfg.workload, cfg.max_model_len
-    if not isinstance(mml, int) or w.name not in ("uniform", "fixed"):
+    lengths = w.get("lengths")
+    if not isinstance(mml, int) or lengths not in ("uniform", "fixed") or "prompt_len" not in w:
         return []
-    i = 1 if w.name == "uniform" else 0
+    i = 1 if lengths == "uniform" else 0
     end = "hi" if i else "lo"
     try:
         p, o = int(w.prompt_len[i]), int(w.output_len[i])
@@ -341,10 +284,10 @@ def _length_problems(cfg: DictConfig) -> list[str]:
     errors = []
     if p + o > mml:
         errors.append(f"workload.prompt_len={show_value(w.prompt_len)} with workload.output_len={show_value(w.output_len)} is "
-                      f"not allowed with max_model_len={mml}: workload={w.name} draws up to {p} + {o} = {p + o} "
+                      f"not allowed with max_model_len={mml}: workload.lengths={lengths} draws up to {p} + {o} = {p + o} "
                       f"tokens; expected prompt_len {end} + output_len {end} <= max_model_len (lower them or "
                       f"raise max_model_len)")
-    spl = w.shared_prefix_len
+    spl = w.get("shared_prefix_len")
     if isinstance(spl, int) and spl + 2 > mml:
         errors.append(f"workload.shared_prefix_len={spl} is not allowed with max_model_len={mml}: expected at most "
                       f"{mml - 2} (the prefix, one prompt token and one output token must fit)")
@@ -359,6 +302,7 @@ def schema_defaults() -> dict[str, Any]:
 __all__ = [
     "COMPONENTS",
     "GROUPS",
+    "PART_GROUPS",
     "RULES",
     "VERSION_BASE",
     "ConfigError",

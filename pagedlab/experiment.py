@@ -26,10 +26,7 @@ from pagedlab.cfg_access import cfg_get as _get
 from pagedlab.engine.engine import Engine
 from pagedlab.engine.request import Request, SamplingParams
 from pagedlab.engine.result import RunResult
-from pagedlab.engine.sampler import LogitsSampler, SimSampler
 from pagedlab.engine.scheduler import Scheduler
-from pagedlab.executors.sim import SimExecutor
-from pagedlab.kv import BlockManager
 from pagedlab.models.presets import (
     GIB,
     HardwareSpec,
@@ -39,7 +36,7 @@ from pagedlab.models.presets import (
     num_blocks_in_budget,
     spec_from_hf_path,
 )
-from pagedlab.workloads import synthetic_requests, trace_requests
+from pagedlab.parts import instantiate_part, locate
 
 
 @dataclass
@@ -72,33 +69,26 @@ def sampling_defaults(cfg: Any) -> SamplingParams:
 
 
 def build_requests(cfg: Any, vocab_size: int, max_model_len: int) -> list[Request]:
-    w = _get(cfg, "workload")
-    seed = _get(cfg, "workload.seed", _get(cfg, "seed", 0))
-    defaults = sampling_defaults(cfg).updated(n=_get(cfg, "workload.n"), beam_width=_get(cfg, "workload.beam_width"))
-    if w.name == "trace":
-        if not _get(cfg, "workload.path"):
-            raise ValueError("workload=trace needs workload.path=<a .jsonl or .csv file>")
-        return trace_requests(w.path, seed=seed, vocab_size=vocab_size, defaults=defaults,
-                              max_model_len=max_model_len)
-    return synthetic_requests(
-        w.name, int(w.num_requests), seed=seed, vocab_size=vocab_size, defaults=defaults,
-        prompt_len=tuple(_get(cfg, "workload.prompt_len", (16, 128))),
-        output_len=tuple(_get(cfg, "workload.output_len", (16, 128))),
-        request_rate=_get(cfg, "workload.request_rate"),
-        shared_prefix_len=int(_get(cfg, "workload.shared_prefix_len", 0)),
-        max_model_len=max_model_len,
-    )
+    """The requests of the workload ``workload._target_`` names."""
+    workload = instantiate_part(cfg.workload, "workload")
+    return workload.requests(vocab_size=vocab_size, max_model_len=max_model_len, defaults=sampling_defaults(cfg),
+                             seed=int(_get(cfg, "seed", 0)))
 
 
 def model_shapes(cfg: Any) -> ModelSpec:
     """The model's shapes without loading weights: the preset, or the checkpoint's ``config.json`` for
     ``model=hf`` (and for executor=torch with ``model.name_or_path`` set)."""
     name, path, dtype = _get(cfg, "model.name", "llama_13b"), _get(cfg, "model.name_or_path"), _get(cfg, "model.dtype")
-    if name == "hf" or (path and _get(cfg, "executor.name", "sim") == "torch"):
+    if name == "hf" or (path and not simulated(cfg)):
         if not path:
             raise ValueError("model=hf needs model.name_or_path=<a local checkpoint folder or hub id>")
         return spec_from_hf_path(str(path), dtype or "auto")
     return model_spec(name, dtype)
+
+
+def simulated(cfg: Any) -> bool:
+    """Whether the executor the config names runs no tensors (its backend class says ``simulated = True``)."""
+    return bool(getattr(locate(cfg.executor, "executor"), "simulated", False))
 
 
 def sim_hardware(cfg: Any) -> HardwareSpec:
@@ -128,50 +118,38 @@ def kv_num_blocks(cfg: Any, kv_bytes_per_token: int, default_budget: float | Non
     return num_blocks_for(default_budget, block_size, kv_bytes_per_token, default_what)
 
 
-def build(cfg: Any) -> Built:
-    """Instantiate block manager, scheduler, executor and token sampler from a composed config."""
-    block_size = int(cfg.block_size)
-    executor_name = _get(cfg, "executor.name", "sim")
-    max_model_len = int(_get(cfg, "max_model_len", 2048))
-    torch_parts = None
-    if executor_name == "sim":
-        spec = model_shapes(cfg)
-        default_budget, budget_what = sim_budget(cfg, spec)
-    elif executor_name == "torch":
-        from pagedlab.executors.torch_executor import load_for_engine
+def kv_runtime_args(cfg: Any, num_blocks: int, num_swap_blocks: int) -> dict[str, Any]:
+    """What the engine passes an allocator besides its own arguments (see :class:`pagedlab.kv.KVManager`)."""
+    return {"num_blocks": int(num_blocks), "block_size": int(cfg.block_size), "cow": bool(_get(cfg, "cow", True)),
+            "prefix_cache": bool(_get(cfg, "prefix_cache", False)), "num_swap_blocks": num_swap_blocks,
+            "max_model_len": int(_get(cfg, "max_model_len", 2048)),
+            "watermark_blocks": int(float(_get(cfg, "kv_cache.watermark", 0.01)) * int(num_blocks))}
 
-        torch_parts = load_for_engine(cfg)
-        spec, default_budget = torch_parts.spec, torch_parts.default_budget_bytes
-        budget_what = torch_parts.budget_what
-    else:
-        raise ValueError(f"executor.name={executor_name!r} is not allowed; allowed: sim, torch")
-    num_blocks = kv_num_blocks(cfg, spec.kv_bytes_per_token, default_budget, budget_what)
+
+def build(cfg: Any) -> Built:
+    """Instantiate every part the config names (``_target_``, see pagedlab/parts.py): the executor's backend
+    (model or its shapes), then per engine the allocator, preemption, scheduler and token sampler."""
+    block_size = int(cfg.block_size)
+    max_model_len = int(_get(cfg, "max_model_len", 2048))
+    backend = instantiate_part(cfg.executor, "executor", cfg)
+    spec = backend.spec
+    num_blocks = kv_num_blocks(cfg, spec.kv_bytes_per_token, backend.default_budget_bytes, backend.budget_what)
     swap_gib = float(_get(cfg, "kv_cache.swap_gib", 0.0))
     num_swap = num_blocks_in_budget(swap_gib * GIB, block_size, spec.kv_bytes_per_token)
-
     seed = int(_get(cfg, "seed", 0))
-    if torch_parts is None:
-        executor = SimExecutor(spec, sim_hardware(cfg), block_size)
-    else:
-        executor = torch_parts.make_executor(int(num_blocks), block_size, num_swap)
+    executor = backend.make_executor(int(num_blocks), block_size, num_swap)
+    sampler_node = _get(cfg, "sampling.sampler")
 
     def new_engine() -> Engine:
-        bm = BlockManager(
-            int(num_blocks), block_size,
-            allocator=_get(cfg, "allocator.name", "paged"), order=_get(cfg, "allocator.order", "lifo"),
-            cow=bool(_get(cfg, "cow", True)), prefix_cache=bool(_get(cfg, "prefix_cache", False)),
-            num_swap_blocks=num_swap, max_model_len=max_model_len,
-            watermark_blocks=int(float(_get(cfg, "kv_cache.watermark", 0.01)) * int(num_blocks)),
-        )
+        kv = instantiate_part(cfg.allocator, "allocator", **kv_runtime_args(cfg, num_blocks, num_swap))
         scheduler = Scheduler(
-            bm, max_num_seqs=int(_get(cfg, "max_num_seqs", 256)),
-            max_num_batched_tokens=int(_get(cfg, "max_num_batched_tokens", 8192)),
-            max_model_len=max_model_len, eviction_mode=_get(cfg, "eviction.mode", "recompute"),
-            victim=_get(cfg, "eviction.victim", "newest"),
-            eos_token_id=None if torch_parts is None else torch_parts.eos_token_id,
+            kv, max_num_seqs=int(_get(cfg, "max_num_seqs", 256)),
+            max_num_batched_tokens=int(_get(cfg, "max_num_batched_tokens", 8192)), max_model_len=max_model_len,
+            preemption=instantiate_part(cfg.eviction, "eviction"), eos_token_id=backend.eos_token_id,
         )
-        sampler = SimSampler(spec.vocab_size, seed) if torch_parts is None else LogitsSampler(seed)
-        return Engine(bm, scheduler, executor, sampler)
+        sampler = (instantiate_part(sampler_node, "sampling.sampler", seed=seed) if sampler_node is not None
+                   else backend.make_sampler(seed))
+        return Engine(kv, scheduler, executor, sampler)
 
     engine = new_engine()
     requests = build_requests(cfg, spec.vocab_size, max_model_len)

@@ -1,7 +1,8 @@
 """Command-line overrides checked before Hydra composes anything or creates a directory: group
 choices against ``conf/<group>/*.yaml``, dotted keys against the schema (``+key`` too, except the
 extra keys the schema allows), and values against their type and the rules of
-:mod:`pagedlab.config`. Every message names the field, the value and what is allowed.
+:mod:`pagedlab.config`. Keys of the part groups (free-form, see pagedlab/parts.py) are left to Hydra
+(unknown keys) and to the preflight, which builds the light parts (bad values). Every message names the field, the value and what is allowed.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from omegaconf import OmegaConf
 from pagedlab.config import (
     EXTRA_KEYS,
     GROUPS,
+    PART_GROUPS,
     PagedLabConfig,
     check_value,
     config_dir,
@@ -95,6 +97,9 @@ def check_overrides(overrides: list[str]) -> list[str]:
                                   f"{', '.join(choices)}{_suggest(str(v), choices)}")
             continue
         if (ov.is_add() or ov.is_force_add()) and key in EXTRA_KEYS:
+            continue
+        if key.split(".")[0] in PART_GROUPS:  # free-form: Hydra refuses unknown keys, the part's class bad values
+            errors.extend(m for m in (check_value(key, v) for v in values) if m)
             continue
         owner, name, allowed = _schema_field(key)
         if name is None:

@@ -69,7 +69,7 @@ def locate(node: Any, group: str) -> Any:
                           f"({type(cause).__name__}: {cause}; is its module on PYTHONPATH?)") from None
 
 
-def instantiate_part(node: Any, group: str, *args: Any, **runtime: Any) -> Any:
+def instantiate_part(node: Any, group: str, /, *args: Any, **runtime: Any) -> Any:
     """Build the part a config group names: ``_target_(*args, **(node args), **runtime)``.
 
     Errors name the field: a :class:`BadArgument` from the constructor becomes ``group.arg=value is not
@@ -80,18 +80,20 @@ def instantiate_part(node: Any, group: str, *args: Any, **runtime: Any) -> Any:
     from pagedlab.config import ConfigError
 
     cls = locate(node, group)
-    kwargs = part_kwargs(node)
-    try:
-        return instantiate(kwargs, *args, **runtime, _convert_="all")
-    except Exception as exc:  # noqa: BLE001 - Hydra wraps the constructor's exception in InstantiationException
-        cause = exc.__cause__ or exc
+    try:  # the node's own arguments through Hydra (nested ``_target_`` nodes built too); run-time ones as given
+        factory = instantiate(part_kwargs(node), _partial_=True, _convert_="all")
+        return factory(*args, **runtime)
+    except Exception as exc:  # noqa: BLE001 - Hydra wraps a nested constructor's exception in InstantiationException
+        cause = exc.__cause__ if type(exc).__name__ == "InstantiationException" and exc.__cause__ else exc
         if isinstance(cause, BadArgument):
-            raise ConfigError(f"{group}.{cause}", [f"{group}.{cause}"]) from None
-        if isinstance(cause, (TypeError, ValueError)):
-            name = getattr(cls, "__qualname__", str(cls))
-            msg = f"{group} ({name}): {cause}"
+            msg = f"{cause} (with {group}={node.get(LABEL) or target_of(node, group)})" if cause.arg in runtime \
+                else f"{group}.{cause}"
             raise ConfigError(msg, [msg]) from None
-        raise cause from None
-
-
-__all__ = ["LABEL", "BadArgument", "instantiate_part", "locate", "part_kwargs", "target_of"]
+        if isinstance(cause, (TypeError, ValueError)):
+            msg = f"{group} ({getattr(cls, '__qualname__', cls)}): {cause}"
+            raise ConfigError(msg, [msg]) from None
+        if type(exc).__name__ == "InstantiationException":  # e.g. a nested _target_ that cannot be imported
+            msg = f"{group}: " + " ".join(str(exc).replace(", set env var HYDRA_FULL_ERROR=1 to see chained "
+                                                           "exception.", ";").split())
+            raise ConfigError(msg, [msg]) from None
+        raise

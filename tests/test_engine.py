@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import copy
-
 import pytest
-from omegaconf import OmegaConf
+from cfgs import make
 
 from pagedlab.engine.preemption import VICTIMS
 from pagedlab.experiment import build, run_experiment
@@ -21,7 +19,7 @@ BASE = {
     "executor": {"name": "sim"},
     "model": {"name": "llama_13b", "name_or_path": None, "dtype": "auto"},
     "hardware": {"name": "a100_40gb"},
-    "workload": {"name": "uniform", "num_requests": 24, "request_rate": None, "seed": None, "path": None,
+    "workload": {"name": "uniform", "num_requests": 24, "request_rate": None, "seed": None,
                  "prompt_len": [8, 40], "output_len": [4, 40], "n": None, "beam_width": None,
                  "shared_prefix_len": 0},
     "sampling": {"temperature": 0.0, "top_p": 1.0, "top_k": 0, "n": 1, "beam_width": 1, "max_tokens": 64,
@@ -31,11 +29,9 @@ BASE = {
 
 
 def make_cfg(**dotted):
-    """The sim config above with dotted overrides, e.g. make_cfg(**{"allocator.name": "contiguous_max"})."""
-    cfg = OmegaConf.create(copy.deepcopy(BASE))
-    for key, value in dotted.items():
-        OmegaConf.update(cfg, key, value, merge=False)
-    return cfg
+    """The sim config above with dotted overrides, e.g. make_cfg(**{"allocator.name": "contiguous_max"})
+    (a part's ``name`` picks its conf/ YAML, see tests/cfgs.py)."""
+    return make(BASE, **dotted)
 
 
 def run(**dotted):

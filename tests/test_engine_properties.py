@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from cfgs import with_parts
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from omegaconf import OmegaConf
@@ -59,7 +60,7 @@ def configs(draw: Any) -> dict[str, Any]:
         "model": {"name": "llama_7b", "dtype": "auto"},
         "hardware": {"name": "a100_80gb"},
         "allocator": {"name": allocator, "order": rnd.choice(["lifo", "fifo"])},
-        "eviction": {"mode": rnd.choice(["recompute", "swap"]), "victim": rnd.choice(VICTIMS)},
+        "eviction": {"mode": rnd.choice(["recompute", "swap"]), "victim": rnd.choice(list(VICTIMS))},
         "block_size": block_size,
         "cow": rnd.random() < 0.5,
         "prefix_cache": allocator == "paged" and rnd.random() < 0.5,
@@ -149,7 +150,7 @@ def mix_kinds(requests: list[Any], seed: int) -> None:
 @given(configs())
 def test_every_simulated_run_ends_adds_up_and_mixes_nothing(raw: dict[str, Any]) -> None:
     mixed_seed = raw.pop("_mixed_seed")
-    cfg = OmegaConf.create(raw)
+    cfg = OmegaConf.create(with_parts(raw))
     built = build(cfg)
     engine, requests = built.engine, built.requests
     if mixed_seed is not None:
@@ -195,7 +196,7 @@ def test_groups_larger_than_max_num_seqs_are_rejected_not_spun(overrides: dict[s
         "workload": {"name": "uniform", "num_requests": 4, "prompt_len": [4, 8], "output_len": [4, 8]},
         "sampling": {"temperature": 1.0},
     }
-    cfg = OmegaConf.merge(OmegaConf.create(base), OmegaConf.create(overrides))
+    cfg = OmegaConf.create(with_parts(OmegaConf.to_container(OmegaConf.merge(base, overrides))))
     built = build(cfg)
     result = built.engine.run(built.requests)
     assert result.summary["num_rejected"] == 4 and result.summary["num_finished"] == 0

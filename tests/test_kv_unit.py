@@ -444,8 +444,8 @@ def _assert_error(m: BlockManager, fn, *match: str) -> None:
     [
         ({"num_blocks": 4, "block_size": 0}, ["block_size=0", ">= 1"]),
         ({"num_blocks": 0, "block_size": 16}, ["num_blocks=0", ">= 1", "smaller than one block"]),
-        ({"num_blocks": 4, "block_size": 4, "allocator": "buddy"}, ["'buddy'", "paged", "contiguous_oracle"]),
-        ({"num_blocks": 4, "block_size": 4, "order": "random"}, ["'random'", "lifo", "fifo"]),
+        ({"num_blocks": 4, "block_size": 4, "allocator": "buddy"}, ["allocator=buddy", "paged", "contiguous_oracle"]),
+        ({"num_blocks": 4, "block_size": 4, "order": "random"}, ["order=random", "lifo", "fifo"]),
         ({"num_blocks": 4, "block_size": 4, "allocator": "contiguous_max"}, ["max_model_len"]),
         (
             {"num_blocks": 4, "block_size": 4, "allocator": "contiguous_oracle", "prefix_cache": True},
@@ -453,6 +453,8 @@ def _assert_error(m: BlockManager, fn, *match: str) -> None:
         ),
         ({"num_blocks": 4, "block_size": 4, "watermark_blocks": 4}, ["watermark_blocks=4", "num_blocks=4"]),
         ({"num_blocks": 4, "block_size": 4, "num_swap_blocks": -1}, ["num_swap_blocks=-1"]),
+        ({"num_blocks": 4, "block_size": 4, "allocator": "contiguous_oracle", "place": "worst"}, ["place=worst",
+                                                                                             "first_fit"]),
     ],
 )
 def test_constructor_errors(kwargs, match):

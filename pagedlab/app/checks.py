@@ -10,7 +10,15 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from pagedlab.config import effective_sampling, raise_problems, validate
+from pagedlab.config import ConfigError, effective_sampling, raise_problems, validate
+from pagedlab.experiment import simulated
+from pagedlab.kv import ContiguousBlockManager
+
+
+def _label(cfg: DictConfig, group: str) -> str:
+    """A part's label for messages: its ``name``, else its ``_target_``."""
+    node = cfg[group]
+    return str(node.get("name") or node.get("_target_"))
 
 
 def check_plan(cfg: DictConfig) -> None:
@@ -19,17 +27,49 @@ def check_plan(cfg: DictConfig) -> None:
     the workload's requests. Raises ConfigError listing every problem; loads no weights, uses no network."""
     validate(cfg)
     errors: list[str] = _parallel_seq_problems(cfg) + _objective_problems(cfg)
-    spec = _model_problems(cfg, errors)
-    executor = cfg.executor.name
-    if spec is not None and executor == "sim":
+    kv = _part_problems(cfg, errors)
+    if errors:
+        raise_problems(errors)  # the rules below assume the parts can be built
+    sim = simulated(cfg)
+    spec = _model_problems(cfg, sim, errors)
+    if spec is not None and sim:
         _fit_problems(cfg, spec, errors)
-    device = _device_problems(cfg, errors) if executor == "torch" else None
+    device = _device_problems(cfg, errors) if not sim else None
     _kernel_problems(cfg, spec, device, errors)
     if spec is not None and not errors:
-        _budget_problems(cfg, spec, device, errors)
-    if spec is not None and cfg.workload.name == "trace":
+        _budget_problems(cfg, spec, device, sim, isinstance(kv, ContiguousBlockManager), errors)
+    if spec is not None and "path" in cfg.workload:
         _trace_problems(cfg, spec, errors)
     raise_problems(errors)
+
+
+NOMINAL_BLOCKS = 1024  # the allocator is built to check its arguments; the real count needs the model
+
+
+def _part_problems(cfg: DictConfig, errors: list[str]) -> Any:
+    """Build the light parts as the run will (allocator at a nominal size, preemption, workload, sampler)
+    and import the heavy ones (executor backend, logger), so bad arguments fail here, naming the field.
+    Returns the nominal allocator (None if it could not be built)."""
+    from pagedlab.experiment import kv_runtime_args
+    from pagedlab.parts import instantiate_part, locate
+
+    built = {}
+    parts: list[tuple[str, Any, dict]] = [
+        ("allocator", cfg.allocator, kv_runtime_args(cfg, cfg.kv_cache.num_blocks or NOMINAL_BLOCKS, 0)),
+        ("eviction", cfg.eviction, {}), ("workload", cfg.workload, {})]
+    if cfg.sampling.get("sampler") is not None:
+        parts.append(("sampling.sampler", cfg.sampling.sampler, {"seed": 0}))
+    for group, node, runtime in parts:
+        try:
+            built[group] = instantiate_part(node, group, **runtime)
+        except ConfigError as exc:
+            errors.extend(exc.problems)
+    for group in ("executor", "logger"):
+        try:
+            locate(cfg[group], group)
+        except ConfigError as exc:
+            errors.extend(exc.problems)
+    return built.get("allocator")
 
 
 def _objective_problems(cfg: DictConfig) -> list[str]:
@@ -46,7 +86,7 @@ def _objective_problems(cfg: DictConfig) -> list[str]:
 def _parallel_seq_problems(cfg: DictConfig) -> list[str]:
     """A synthetic request's sequences (max(n, beam_width)) must fit in max_num_seqs. Traces are
     skipped: their rows may set their own n, and the engine rejects such requests with a reason."""
-    if cfg.workload.name == "trace":
+    if "path" in cfg.workload:
         return []
     errors = []
     for name in ("n", "beam_width"):
@@ -58,18 +98,19 @@ def _parallel_seq_problems(cfg: DictConfig) -> list[str]:
     return errors
 
 
-def _model_problems(cfg: DictConfig, errors: list[str]) -> Any:
+def _model_problems(cfg: DictConfig, sim: bool, errors: list[str]) -> Any:
     """The model's ModelSpec (no weights), or None after adding why it cannot be had."""
     from pagedlab.experiment import model_shapes
     from pagedlab.models.presets import hf_config_file
 
     m = cfg.model
     path = m.name_or_path
-    if m.name != "hf" and cfg.executor.name == "torch" and not path and not m.name.startswith("tiny_"):
-        errors.append(f"model={m.name} is not allowed with executor=torch and model.name_or_path=null: the preset "
-                      "has shapes but no weights; expected executor=sim, or model.name_or_path=<checkpoint>")
+    if m.name != "hf" and not sim and not path and not m.name.startswith("tiny_"):
+        errors.append(f"model={m.name} is not allowed with executor={_label(cfg, 'executor')} and "
+                      "model.name_or_path=null: the preset has shapes but no weights; expected executor=sim, or "
+                      "model.name_or_path=<checkpoint>")
         return None
-    if (m.name == "hf" or (path and cfg.executor.name == "torch")) and hf_config_file(str(path)) is None:
+    if (m.name == "hf" or (path and not sim)) and hf_config_file(str(path)) is None:
         errors.append(f"model.name_or_path={path} is not allowed: expected a local folder with a config.json or "
                       "a Hugging Face model id already in the local cache (nothing is downloaded here; "
                       "fetch it first, e.g. `hf download ID`)")
@@ -144,13 +185,14 @@ def _kernel_problems(cfg: DictConfig, spec: Any, device: str | None, errors: lis
                           f"{problem.removeprefix('kernel=triton: ')}")
 
 
-def _budget_problems(cfg: DictConfig, spec: Any, device: str | None, errors: list[str]) -> None:
+def _budget_problems(cfg: DictConfig, spec: Any, device: str | None, sim: bool, per_seq_reservations: bool,
+                     errors: list[str]) -> None:
     """The KV cache must hold one request of max_model_len tokens (per sequence for contiguous allocators)."""
     from pagedlab.experiment import kv_num_blocks, sim_budget
     from pagedlab.models.presets import GIB
 
     kvt, bs, kv = spec.kv_bytes_per_token, cfg.block_size, cfg.kv_cache
-    if cfg.executor.name == "sim":
+    if sim:
         default, what = sim_budget(cfg, spec)
     elif device == "cpu":
         default, what = kv.cpu_budget_gib * GIB, "kv_cache.cpu_budget_gib"
@@ -160,7 +202,7 @@ def _budget_problems(cfg: DictConfig, spec: Any, device: str | None, errors: lis
         field_, value = "kv_cache.num_blocks", kv.num_blocks
     elif kv.budget_gib is not None:
         field_, value = "kv_cache.budget_gib", kv.budget_gib
-    elif cfg.executor.name == "torch" and default is not None:
+    elif not sim and default is not None:
         field_, value = "kv_cache.cpu_budget_gib", kv.cpu_budget_gib
     elif default is not None:
         field_, value = "kv_cache.budget_gib", f"null (the default: {what} = {default / GIB:.4g} GiB)"
@@ -171,13 +213,13 @@ def _budget_problems(cfg: DictConfig, spec: Any, device: str | None, errors: lis
     except ValueError:
         num_blocks = 0
     seqs = 1
-    if cfg.allocator.name != "paged":
-        n, b = (cfg.workload.n or cfg.sampling.n), (cfg.workload.beam_width or cfg.sampling.beam_width)
+    if per_seq_reservations:
+        n, b = (cfg.workload.get("n") or cfg.sampling.n), (cfg.workload.get("beam_width") or cfg.sampling.beam_width)
         seqs = max(n, b)
     need = seqs * -(-cfg.max_model_len // bs)
     if num_blocks >= need:
         return
-    per_seq = f" x {seqs} sequences (each reserves its own space with allocator={cfg.allocator.name})" \
+    per_seq = f" x {seqs} sequences (each reserves its own space with allocator={_label(cfg, 'allocator')})" \
         if seqs > 1 else ""
     need_gib = need * bs * kvt / GIB
     errors.append(f"{field_}={value} is not allowed: it holds {num_blocks} blocks of {bs} tokens "

@@ -5,7 +5,7 @@ mid-run warns and steps aside. The W&B summary equals summary.json: per-step met
 (``define_metric("*", summary="none")``) and the summary is set last. ``logger.log_every=N`` logs every
 Nth engine step to W&B; the files keep every step.
 
-    logger = make_logger(cfg, run_dir, group="sweep-x", name="block_size=8", job_num=0)
+    logger = make_logger(cfg, run_dir, group="sweep-x", name="block_size=8")
     try:
         result = run_experiment(cfg, on_step=logger.log_step)
         logger.log_result(result)
@@ -37,7 +37,10 @@ class RunLogger(Protocol):
 
 
 class NullLogger:
-    """``logger=none``: local results only."""
+    """``logger=none``: local results only (takes and ignores the logger arguments)."""
+
+    def __init__(self, **_: Any) -> None:
+        pass
 
     def log_step(self, row: dict[str, Any]) -> None:
         pass
@@ -132,7 +135,9 @@ def call_with_timeout(fn: Any, timeout: float, **kwargs: Any) -> Any:
 class WandbLogger:
     """One W&B run per job; per-step metrics with step = engine step; summary; request table."""
 
-    def __init__(self, cfg: DictConfig, run_dir: Path, *, group: str, name: str, mode: str) -> None:
+    def __init__(self, *, run_config: dict[str, Any], run_dir: Path, group: str, name: str, mode: str = "offline",
+                 project: str = "pagedlab", entity: str | None = None, tags: list[str] | tuple[str, ...] = (),
+                 log_every: int = 10) -> None:
         import wandb
 
         self._wandb = wandb
@@ -142,16 +147,16 @@ class WandbLogger:
             os.environ["WANDB_MODE"] = mode  # belt and braces: child processes stay offline too
         wb_dir = Path(run_dir)
         wb_dir.mkdir(parents=True, exist_ok=True)
-        choices = {c: str(OmegaConf.select(cfg, f"{c}.name", default=c)) for c in COMPONENTS}
-        tags = [f"{c}={v}" for c, v in choices.items()] + [str(t) for t in cfg.logger.tags]
+        choices = {c: str((run_config.get(c) or {}).get("name", c)) for c in COMPONENTS}
+        tags = [f"{c}={v}" for c, v in choices.items()] + [str(t) for t in tags]
         self.run = call_with_timeout(
-            wandb.init, init_timeout(), project=cfg.logger.project, entity=cfg.logger.entity, group=group[:128], name=name[:128],
+            wandb.init, init_timeout(), project=project, entity=entity, group=group[:128], name=name[:128],
             job_type=f"{choices['executor']}-{choices['allocator']}"[:64], tags=[t[:64] for t in tags],
-            config=OmegaConf.to_container(cfg, resolve=True), dir=str(wb_dir), mode=mode, reinit="create_new",
+            config=run_config, dir=str(wb_dir), mode=mode, reinit="create_new",
             settings=wandb.Settings(silent=True, console="off", x_disable_stats=True, disable_git=True,
                                     save_code=False),
         )
-        self.log_every = max(1, int(OmegaConf.select(cfg, "logger.log_every", default=1) or 1))
+        self.log_every = max(1, int(log_every or 1))
         self._broken = False
         self._safely("define_metric", self.run.define_metric, "*", summary="none")  # steps write no summary
 
@@ -185,19 +190,28 @@ class WandbLogger:
             _warn(f"W&B finish failed ({type(exc).__name__}: {exc}); local results are kept")
 
 
-def make_logger(cfg: DictConfig, run_dir: str | Path, *, group: str, name: str) -> RunLogger:
-    """The configured logger; W&B problems (not installed, cannot start) warn and give a NullLogger."""
-    if cfg.logger.name != "wandb" or cfg.logger.mode == "disabled":
+def wandb_logger(*, mode: str = "offline", **kwargs: Any) -> RunLogger:
+    """``logger=wandb`` (its ``_target_``): a :class:`WandbLogger`, or, when W&B is disabled or cannot start
+    (not installed, init fails or times out), a warning and a :class:`NullLogger`. ``online`` without an
+    API key logs offline."""
+    if mode == "disabled":
         return NullLogger()
-    mode = cfg.logger.mode
     if mode == "online" and not has_api_key():
         _warn("logger.mode=online but no W&B API key (WANDB_API_KEY or `wandb login`): logging offline; "
               "upload later with `wandb sync`")
         mode = "offline"
     try:
-        return WandbLogger(cfg, Path(run_dir), group=group, name=name, mode=mode)
+        return WandbLogger(mode=mode, **kwargs)
     except ImportError:
         _warn("logger=wandb but wandb is not installed (pip install wandb); continuing with local results only")
     except Exception as exc:  # noqa: BLE001
         _warn(f"W&B could not start ({type(exc).__name__}: {exc}); continuing with local results only")
     return NullLogger()
+
+
+def make_logger(cfg: DictConfig, run_dir: str | Path, *, group: str, name: str) -> RunLogger:
+    """The logger ``logger._target_`` names, given the run's config, its dir, its W&B group and name."""
+    from pagedlab.parts import instantiate_part
+
+    return instantiate_part(cfg.logger, "logger", run_config=OmegaConf.to_container(cfg, resolve=True),
+                            run_dir=Path(run_dir), group=group, name=name)

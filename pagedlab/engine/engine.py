@@ -24,7 +24,7 @@ from pagedlab.engine.result import RunResult
 from pagedlab.engine.sampler import TokenSampler
 from pagedlab.engine.scheduler import Scheduler, SchedulerOutput
 from pagedlab.executors.base import Executor, ModelInput, StepInput
-from pagedlab.kv import BlockManager
+from pagedlab.kv import KVManager
 
 
 class EngineStuck(RuntimeError):
@@ -38,7 +38,7 @@ class Engine:
 
     def __init__(
         self,
-        block_manager: BlockManager,
+        block_manager: KVManager,
         scheduler: Scheduler,
         executor: Executor,
         sampler: TokenSampler,

@@ -33,11 +33,9 @@ from dataclasses import dataclass, field
 from itertools import count
 
 from pagedlab.engine.lifecycle import SequenceLifecycle
-from pagedlab.engine.preemption import VICTIMS, pick_victim
+from pagedlab.engine.preemption import Preemption
 from pagedlab.engine.request import GroupStatus, Sequence, SequenceGroup
-from pagedlab.kv import AllocStatus, BlockManager
-
-EVICTION_MODES = ("recompute", "swap")
+from pagedlab.kv import AllocStatus, KVManager
 
 
 @dataclass
@@ -68,25 +66,19 @@ class Scheduler(SequenceLifecycle):
 
     def __init__(
         self,
-        block_manager: BlockManager,
+        block_manager: KVManager,
         *,
         max_num_seqs: int = 256,
         max_num_batched_tokens: int = 8192,
         max_model_len: int | None = None,
-        eviction_mode: str = "recompute",
-        victim: str = "newest",
+        preemption: Preemption | None = None,
         eos_token_id: int | None = None,
     ) -> None:
-        if eviction_mode not in EVICTION_MODES:
-            raise ValueError(f"eviction.mode={eviction_mode!r} is not allowed; allowed: {', '.join(EVICTION_MODES)}")
-        if victim not in VICTIMS:
-            raise ValueError(f"eviction.victim={victim!r} is not allowed; allowed: {', '.join(VICTIMS)}")
         self.bm = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
-        self.eviction_mode = eviction_mode
-        self.victim = victim
+        self.preemption = preemption if preemption is not None else Preemption()
         self.eos_token_id = eos_token_id
         self.waiting: deque[SequenceGroup] = deque()
         self.running: list[SequenceGroup] = []
@@ -311,7 +303,7 @@ class Scheduler(SequenceLifecycle):
         return self._pick([*unscheduled, current])
 
     def _pick(self, candidates: list[SequenceGroup]) -> SequenceGroup:
-        return pick_victim(self.victim, candidates, self.bm)
+        return self.preemption.pick(candidates, self.bm)
 
     def _preempt(self, group: SequenceGroup, out: SchedulerOutput, swap: bool = True) -> None:
         out.num_preempted += 1
@@ -325,13 +317,13 @@ class Scheduler(SequenceLifecycle):
         # Like vLLM, a group of several live sequences is swapped even under recompute when the host
         # has room: recomputing re-prefills each sequence on its own, losing the sharing that let the
         # group fit at all.
-        if swap and (self.eviction_mode == "swap" or len(ids) > 1):
+        if swap and (self.preemption.mode == "swap" or len(ids) > 1):
             if self.bm.can_swap_out(ids):
                 out.swap_out += self.bm.swap_out(ids)
                 group.status = GroupStatus.SWAPPED
                 self.swapped.append(group)
                 return
-            out.num_swap_fallbacks += self.eviction_mode == "swap"
+            out.num_swap_fallbacks += self.preemption.mode == "swap"
         for seq in group.seqs:
             self.free_seq(seq)
             seq.num_computed = 0

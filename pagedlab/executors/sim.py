@@ -9,6 +9,9 @@ batch's KV. Swaps cost host-link time (PCIe), block copies device-memory time.
 
 from __future__ import annotations
 
+from typing import Any
+
+from pagedlab.engine.sampler import SimSampler
 from pagedlab.executors.base import StepInput, StepOutput
 from pagedlab.models.presets import HardwareSpec, ModelSpec
 
@@ -47,3 +50,24 @@ class SimExecutor:
 
     def execute(self, step: StepInput) -> StepOutput:
         return StepOutput(logits=None, time_s=self.step_time(step))
+
+
+class SimBackend:
+    """``executor=sim``: the model preset's shapes (or a checkpoint's config.json), costed on the ``hardware``
+    preset; the default KV budget is the hardware's memory x ``kv_cache.gpu_memory_utilization`` - weights."""
+
+    simulated = True  # no tensors: the checks use the hardware preset, not a device
+
+    def __init__(self, cfg: Any) -> None:
+        from pagedlab.experiment import model_shapes, sim_budget, sim_hardware
+
+        self.spec = model_shapes(cfg)
+        self.hardware = sim_hardware(cfg)
+        self.default_budget_bytes, self.budget_what = sim_budget(cfg, self.spec)
+        self.eos_token_id = None
+
+    def make_executor(self, num_blocks: int, block_size: int, num_swap_blocks: int) -> SimExecutor:
+        return SimExecutor(self.spec, self.hardware, block_size)
+
+    def make_sampler(self, seed: int) -> SimSampler:
+        return SimSampler(self.spec.vocab_size, seed)

@@ -36,11 +36,7 @@ def reserve_oracle(final_len: int, max_model_len: int | None) -> int:
     return final_len
 
 
-RESERVATION_RULES: dict[str, ReservationRule] = {
-    "contiguous_max": reserve_max,
-    "contiguous_pow2": reserve_pow2,
-    "contiguous_oracle": reserve_oracle,
-}
+RESERVATION_RULES: dict[str, ReservationRule] = {"max": reserve_max, "pow2": reserve_pow2, "oracle": reserve_oracle}
 
 
 def first_fit(starts: Sequence[int], length: Mapping[int, int], n: int) -> int | None:
@@ -59,6 +55,9 @@ def best_fit(starts: Sequence[int], length: Mapping[int, int], n: int) -> int | 
         if ln >= n and (best is None or ln < length[best]):
             best = s
     return best
+
+
+PLACEMENT_RULES: dict[str, PlacementRule] = {"first_fit": first_fit, "best_fit": best_fit}
 
 
 class FreeRuns:

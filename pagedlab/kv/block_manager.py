@@ -53,7 +53,7 @@ from collections.abc import Sequence
 from .accounting import Accounting
 from .allocators import ALLOCATORS
 from .block_pool import ORDERS
-from .errors import KVCacheError
+from .errors import KVBadArgument, KVCacheError
 from .invariants import check_invariants as _check_invariants
 from .stats import AllocStatus
 from .swap import SwapSpace
@@ -64,15 +64,11 @@ def _check_int(name: str, value: object, lo: int, why: str = "") -> None:
         raise KVCacheError(f"{name}={value!r} is invalid: must be an integer >= {lo}{why}")
 
 
-def _validate(
-    num_blocks, block_size, allocator, order, prefix_cache, num_swap_blocks, max_model_len, watermark_blocks
-) -> None:
+def _validate(num_blocks, block_size, order, num_swap_blocks, max_model_len, watermark_blocks) -> None:
     _check_int("block_size", block_size, 1)
     _check_int("num_blocks", num_blocks, 1, " (the KV budget is smaller than one block)")
-    if allocator not in ALLOCATORS:
-        raise KVCacheError(f"allocator={allocator!r} is unknown: allowed values are {list(ALLOCATORS)}")
     if order not in ORDERS:
-        raise KVCacheError(f"order={order!r} is unknown: allowed values are {list(ORDERS)}")
+        raise KVBadArgument("order", order, "one of " + ", ".join(ORDERS))
     _check_int("num_swap_blocks", num_swap_blocks, 0)
     if max_model_len is not None:
         _check_int("max_model_len", max_model_len, 1)
@@ -82,14 +78,12 @@ def _validate(
             f"watermark_blocks={watermark_blocks} must be < num_blocks={num_blocks} "
             "(otherwise nothing could ever be admitted)"
         )
-    if allocator != "paged" and prefix_cache:
-        raise KVCacheError(f"prefix_cache=True needs allocator='paged' (got allocator={allocator!r})")
-    if allocator == "contiguous_max" and max_model_len is None:
-        raise KVCacheError("allocator='contiguous_max' needs max_model_len (got None)")
 
 
 def implementation(allocator: str, cow: bool = True, prefix_cache: bool = False) -> type[BlockManager]:
     """The composed class ``BlockManager`` builds for these arguments (the only policy switch)."""
+    if allocator not in ALLOCATORS:
+        raise KVBadArgument("allocator", allocator, "one of " + ", ".join(ALLOCATORS))
     if allocator != "paged":
         from .contiguous import ContiguousBlockManager
 
@@ -101,6 +95,14 @@ def implementation(allocator: str, cow: bool = True, prefix_cache: bool = False)
     if prefix_cache:
         return PrefixCachedCowPaged if cow else PrefixCachedPaged
     return CowPagedBlockManager if cow else PagedBlockManager
+
+
+def paged_manager(num_blocks: int, block_size: int, *, cow: bool = True, prefix_cache: bool = False,
+                  **kwargs: object) -> BlockManager:
+    """``allocator=paged``: block tables over fixed-size blocks, with the sharing layer (``cow``) and the
+    prefix-cache layer (``prefix_cache``) composed in as asked. ``kwargs``: see :class:`BlockManager`."""
+    impl = implementation("paged", bool(cow), bool(prefix_cache))
+    return impl(num_blocks, block_size, allocator="paged", cow=cow, prefix_cache=prefix_cache, **kwargs)  # type: ignore[arg-type]
 
 
 class BlockManager(Accounting):
@@ -128,21 +130,12 @@ class BlockManager(Accounting):
         max_model_len: int | None = None,
         watermark_blocks: int = 0,
     ) -> None:
-        _validate(
-            num_blocks,
-            block_size,
-            allocator,
-            order,
-            prefix_cache,
-            num_swap_blocks,
-            max_model_len,
-            watermark_blocks,
-        )
+        _validate(num_blocks, block_size, order, num_swap_blocks, max_model_len, watermark_blocks)
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.allocator = allocator
         self.order = order
-        self.cow = bool(cow) and allocator == "paged"
+        self.cow = bool(cow)
         self.prefix_cache = bool(prefix_cache)
         self.num_swap_blocks = num_swap_blocks
         self.max_model_len = max_model_len

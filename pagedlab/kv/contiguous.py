@@ -12,17 +12,34 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .allocators import RESERVATION_RULES, FreeRuns, PlacementRule, ReservationRule, first_fit
+from .allocators import (
+    PLACEMENT_RULES,
+    RESERVATION_RULES,
+    FreeRuns,
+    PlacementRule,
+    ReservationRule,
+    reserve_max,
+)
 from .block_manager import BlockManager
-from .errors import KVCacheError
+from .errors import KVBadArgument, KVCacheError
 from .invariants import check_contiguous
 from .stats import AllocStatus
+
+
+def _named(arg: str, name: str, table: dict) -> object:
+    if name not in table:
+        raise KVBadArgument(arg, name, "one of " + ", ".join(table) + " (or a callable)")
+    return table[name]
 
 
 class ContiguousBlockManager(BlockManager):
     """Reservations of ``reserve(final_len, max_model_len)`` slots placed by ``place``.
 
-    ``reserve`` defaults to the rule ``allocator`` names (``contiguous_max`` / ``_pow2`` / ``_oracle``).
+    ``reserve``: a rule's name (``max``, ``pow2``, ``oracle``: :data:`RESERVATION_RULES`) or a callable
+    ``(final_len, max_model_len) -> slots``; default: the rule the ``allocator`` label names
+    (``contiguous_max`` ...). ``place``: ``first_fit``, ``best_fit`` (:data:`PLACEMENT_RULES`) or a callable
+    ``(run starts, start -> length, blocks) -> start | None``. ``cow`` is accepted and ignored (nothing is
+    ever shared); ``prefix_cache`` must be false.
     """
 
     def __init__(
@@ -30,16 +47,28 @@ class ContiguousBlockManager(BlockManager):
         num_blocks: int,
         block_size: int,
         *,
-        reserve: ReservationRule | None = None,
-        place: PlacementRule = first_fit,
+        reserve: str | ReservationRule | None = None,
+        place: str | PlacementRule = "first_fit",
+        prefix_cache: bool = False,
         **kwargs: object,
     ) -> None:
-        kwargs.setdefault("allocator", "contiguous_oracle")
+        if prefix_cache:
+            raise KVBadArgument("prefix_cache", True, "false with a contiguous allocator (contiguous reservations "
+                                "never share blocks; the prefix cache needs allocator=paged)")
+        if isinstance(reserve, str):
+            kwargs.setdefault("allocator", f"contiguous_{reserve}")
+            reserve = _named("reserve", reserve, RESERVATION_RULES)
+        kwargs.setdefault("allocator", "contiguous_oracle" if reserve is None else "contiguous")
+        if isinstance(place, str):
+            place = _named("place", place, PLACEMENT_RULES)
         super().__init__(num_blocks, block_size, **kwargs)  # type: ignore[arg-type]
+        self.cow = False
         if reserve is None:
-            reserve = RESERVATION_RULES.get(self.allocator)
+            reserve = RESERVATION_RULES.get(str(self.allocator).removeprefix("contiguous_"))
             if reserve is None:
-                raise KVCacheError(f"allocator={self.allocator!r} names no reservation rule; pass reserve=")
+                raise KVBadArgument("reserve", None, "one of " + ", ".join(RESERVATION_RULES) + " or a callable")
+        if reserve is reserve_max and self.max_model_len is None:
+            raise KVBadArgument("max_model_len", None, "an integer: reserve=max reserves max_model_len slots")
         self.reserve = reserve
         self._runs = FreeRuns(num_blocks, place)
         self._res_start: dict[int, int] = {}  # resident: first reserved block

@@ -12,11 +12,13 @@ paper's benchmark drops longer pairs). `uniform` draws integers uniformly from [
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from pagedlab.engine.request import Request, SamplingParams
+from pagedlab.errors import BadArgument, one_of
 
 
 @dataclass(frozen=True)
@@ -81,3 +83,31 @@ def synthetic_requests(name: str, num: int, *, seed: int, vocab_size: int, defau
                 float(t), defaults.updated(max_tokens=max(int(o), 1)))
         for i, (p, o, t) in enumerate(zip(prompts, outputs, arrivals))
     ]
+
+
+LENGTHS = (*LENGTH_MODELS, "uniform", "fixed")
+
+
+class SyntheticWorkload:
+    """``workload=uniform|fixed|sharegpt_like|alpaca_like``: ``num_requests`` requests whose lengths come
+    from ``lengths`` (see the module docstring), arriving at once or as a Poisson process of
+    ``request_rate`` requests/s; ``seed`` (None: the run's), ``n`` / ``beam_width`` (None: the sampling
+    group's) and a ``shared_prefix_len``-token system prompt common to all."""
+
+    def __init__(self, lengths: str = "uniform", num_requests: int = 32, request_rate: float | None = None,
+                 seed: int | None = None, prompt_len: Sequence[int] = (16, 128),
+                 output_len: Sequence[int] = (16, 128), n: int | None = None, beam_width: int | None = None,
+                 shared_prefix_len: int = 0) -> None:
+        self.lengths = one_of("lengths", lengths, LENGTHS)
+        if isinstance(num_requests, bool) or not isinstance(num_requests, int) or num_requests < 1:
+            raise BadArgument("num_requests", num_requests, "an integer >= 1")
+        self.num_requests, self.request_rate, self.seed = num_requests, request_rate, seed
+        self.prompt_len, self.output_len = (int(prompt_len[0]), int(prompt_len[1])), (int(output_len[0]), int(output_len[1]))
+        self.n, self.beam_width, self.shared_prefix_len = n, beam_width, int(shared_prefix_len)
+
+    def requests(self, *, vocab_size: int, max_model_len: int, defaults: SamplingParams, seed: int) -> list[Request]:
+        return synthetic_requests(
+            self.lengths, self.num_requests, seed=seed if self.seed is None else self.seed, vocab_size=vocab_size,
+            defaults=defaults.updated(n=self.n, beam_width=self.beam_width), prompt_len=self.prompt_len,
+            output_len=self.output_len, request_rate=self.request_rate, shared_prefix_len=self.shared_prefix_len,
+            max_model_len=max_model_len)

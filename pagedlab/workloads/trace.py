@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from pagedlab.engine.request import Request, SamplingParams
+from pagedlab.errors import BadArgument
 from pagedlab.workloads.trace_files import Row, TraceError, read_rows, show, where_in_file
 
 COLUMNS = ("prompt_token_ids", "prompt_len", "max_tokens", "arrival_time", "request_id", "n", "beam_width",
@@ -270,3 +271,20 @@ def _row_sampling(values: dict[str, Any], defaults: SamplingParams, where: str, 
         problems.append(f"{where}: {exc}")
         return None
     return sampling
+
+
+class TraceWorkload:
+    """``workload=trace``: the requests of a JSONL/JSON/CSV file (``path``), every row checked; ``seed``
+    (None: the run's) draws prompt tokens for ``prompt_len`` rows; ``n`` / ``beam_width`` (None: the
+    sampling group's) are the defaults of rows that do not set them."""
+
+    def __init__(self, path: str | None = None, seed: int | None = None, n: int | None = None,
+                 beam_width: int | None = None) -> None:
+        if not path:
+            raise BadArgument("path", path, "a .jsonl, .json or .csv file (workload.path=FILE)")
+        self.path, self.seed, self.n, self.beam_width = str(path), seed, n, beam_width
+
+    def requests(self, *, vocab_size: int, max_model_len: int, defaults: SamplingParams, seed: int) -> list[Request]:
+        return trace_requests(self.path, seed=seed if self.seed is None else self.seed, vocab_size=vocab_size,
+                              defaults=defaults.updated(n=self.n, beam_width=self.beam_width),
+                              max_model_len=max_model_len)
