@@ -116,7 +116,10 @@ def _apply(cfg: DictConfig, point: Mapping[str, Any]) -> tuple[DictConfig, dict[
             path = config_dir() / key / f"{value}.yaml"
             if not path.is_file():
                 raise ConfigError(f"{key}={value} is not allowed: no {path}")
-            cfg[key] = OmegaConf.merge(OmegaConf.structured(GROUP_SCHEMAS[key]), yaml.safe_load(path.read_text()) or {})
+            node = yaml.safe_load(path.read_text()) or {}
+            schema = GROUP_SCHEMAS.get(key)  # typed groups only; a part group's class checks its own arguments
+            with open_dict(cfg):
+                cfg[key] = OmegaConf.merge(OmegaConf.structured(schema), node) if schema else OmegaConf.create(node)
             choices[key] = value
         else:
             OmegaConf.update(cfg, key, value, merge=False)

@@ -12,24 +12,18 @@ from __future__ import annotations
 import argparse
 import time
 
-from omegaconf import OmegaConf
-
 from pagedlab.experiment import run_experiment
 
 PAPER_TOKEN_SHARE = {"contiguous_max": 0.204, "contiguous_pow2": 0.268, "contiguous_oracle": 0.382, "paged": 0.963}
 
 
 def sim_config(allocator: str, num_requests: int, model: str, hardware: str, block_size: int):
-    """A plain config for a simulated run (no Hydra needed)."""
-    return OmegaConf.create({
-        "block_size": block_size, "cow": True, "prefix_cache": False, "seed": 0, "max_num_seqs": 256,
-        "max_num_batched_tokens": 8192, "max_model_len": 2048,
-        "kv_cache": {"gpu_memory_utilization": 0.9, "swap_gib": 0.0, "watermark": 0.01},
-        "allocator": {"name": allocator, "order": "lifo"}, "eviction": {"mode": "recompute", "victim": "newest"},
-        "executor": {"name": "sim"}, "model": {"name": model, "dtype": "auto"}, "hardware": {"name": hardware},
-        "workload": {"name": "sharegpt_like", "num_requests": num_requests},
-        "sampling": {"max_tokens": 64, "ignore_eos": True},
-    })
+    """The composed config of a simulated run (as ``python -m pagedlab.run`` would build it)."""
+    from pagedlab.app.api import compose
+
+    return compose("executor=sim", f"allocator={allocator}", f"model={model}", f"hardware={hardware}",
+                   "workload=sharegpt_like", f"workload.num_requests={num_requests}", f"block_size={block_size}",
+                   "kv_cache.swap_gib=0", "sampling.max_tokens=64", "logger=none")
 
 
 def main(argv: list[str] | None = None) -> None:
