@@ -12,6 +12,7 @@ import types
 import typing
 from dataclasses import is_dataclass
 from functools import cache
+from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
@@ -46,8 +47,23 @@ def _schema_field(key: str) -> tuple[type | None, str | None, list[str]]:
 
 
 @cache
-def _group_choices(group: str) -> tuple[str, ...]:
-    return tuple(sorted(p.stem for p in (config_dir() / group).glob("*.yaml")))
+def _group_choices(group: str, extra_dirs: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """The choices of a group: ``conf/<group>/*.yaml``, plus those in the user's config dirs."""
+    dirs = [config_dir(), *map(Path, extra_dirs)]
+    return tuple(sorted({p.stem for d in dirs for p in (d / group).glob("*.yaml")}))
+
+
+def search_dirs(parsed: list[Any]) -> tuple[str, ...]:
+    """The local dirs a ``hydra.searchpath=[...]`` override adds (``file://DIR`` or ``DIR``)."""
+    out: list[str] = []
+    for ov in parsed:
+        if ov.key_or_group == "hydra.searchpath" and not ov.is_sweep_override():
+            value = ov.value()
+            for item in value if isinstance(value, list) else [value]:
+                text = str(item)
+                if "://" not in text or text.startswith("file://"):
+                    out.append(text.removeprefix("file://"))
+    return tuple(out)
 
 
 def _suggest(word: str, options: list[str] | tuple[str, ...]) -> str:
@@ -80,6 +96,7 @@ def check_overrides(overrides: list[str]) -> list[str]:
     except OverrideParseException as exc:
         return [str(exc)]
     errors: list[str] = []
+    extra_dirs = search_dirs(parsed)
     for ov in parsed:
         key = ov.key_or_group
         if key.split(".")[0].split("/")[0] == "hydra" or ov.is_delete() or ov.package is not None:
@@ -90,7 +107,7 @@ def check_overrides(overrides: list[str]) -> list[str]:
                           f"not chosen; expected +experiment={show_value(values[0]) if values else 'NAME'}")
             continue
         if key in GROUPS or key == "experiment":
-            choices = _group_choices(key)
+            choices = _group_choices(key, extra_dirs)
             for v in values:
                 if not isinstance(v, str) or v not in choices:
                     errors.append(f"{key}={show_value(v)} is not allowed: expected one of "

@@ -83,7 +83,7 @@ def instantiate_part(node: Any, group: str, /, *args: Any, **runtime: Any) -> An
     try:  # the node's own arguments through Hydra (nested ``_target_`` nodes built too); run-time ones as given
         factory = instantiate(part_kwargs(node), _partial_=True, _convert_="all")
         return factory(*args, **runtime)
-    except Exception as exc:  # noqa: BLE001 - Hydra wraps a nested constructor's exception in InstantiationException
+    except Exception as exc:
         cause = exc.__cause__ if type(exc).__name__ == "InstantiationException" and exc.__cause__ else exc
         if isinstance(cause, BadArgument):
             msg = f"{cause} (with {group}={node.get(LABEL) or target_of(node, group)})" if cause.arg in runtime \

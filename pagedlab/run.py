@@ -26,10 +26,11 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from pagedlab.app.checks import check_plan
 from pagedlab.app.loggers import make_logger
 from pagedlab.app.preflight import cli_overrides, preflight
 from pagedlab.app.rundir import RunDirError, claim_run_dir, cli_dir_lock
-from pagedlab.config import GROUPS, VERSION_BASE, ConfigError, config_dir, validate
+from pagedlab.config import GROUPS, VERSION_BASE, ConfigError, config_dir
 from pagedlab.engine.metrics import METRICS
 from pagedlab.engine.result import MARKER
 
@@ -100,7 +101,7 @@ def task(cfg: DictConfig) -> Any:
 
 
 def _task(cfg: DictConfig, hc: Any) -> Any:
-    validate(cfg)
+    check_plan(cfg)  # again: launchers and job processes may run configs the preflight did not see
     run_dir = Path(hc.runtime.output_dir)
     choices = {k: hc.runtime.choices[k] for k in (*GROUPS, "experiment") if k in hc.runtime.choices}
     log.info("%s | %s | block_size=%s cow=%s prefix_cache=%s", run_dir, " ".join(

@@ -15,14 +15,20 @@ MAX_LISTED = 20  # bad points shown in full; the rest are counted
 
 
 def cli_overrides(argv: list[str]) -> tuple[list[str], bool] | None:
-    """(overrides, multirun) of a command line, or None when it is not ours to check (custom config, help)."""
+    """(overrides, multirun) of a command line, or None when it is not ours to check (another primary
+    config, help). A ``--config-dir``/``-cd`` (the user's own group files, docs/extending.md) becomes a
+    ``hydra.searchpath`` override, so the checks see the same groups as the run."""
+    import os
+
     from hydra._internal.utils import get_args_parser
 
     args, _ = get_args_parser().parse_known_args(argv)
-    if args.config_path or args.config_name or args.config_dir or args.shell_completion or args.help \
-            or args.hydra_help or args.info:
+    if args.config_path or args.config_name or args.shell_completion or args.help or args.hydra_help or args.info:
         return None
-    return list(args.overrides), bool(args.multirun)
+    overrides = list(args.overrides)
+    if args.config_dir and not any(o.startswith("hydra.searchpath=") for o in overrides):
+        overrides.append(f"hydra.searchpath=[file://{os.path.abspath(args.config_dir)}]")
+    return overrides, bool(args.multirun)
 
 
 def sweep_points(base: DictConfig, overrides: Sequence[str]) -> list[list[str]]:
