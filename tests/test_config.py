@@ -17,6 +17,7 @@ CONF = C.config_dir()
 README = Path(__file__).resolve().parents[1] / "README.md"
 CHOICES = sorted((g, p.stem) for g in C.GROUPS for p in (CONF / g).glob("*.yaml"))
 FITS_ONLY = {"llama_70b": ["hardware=h200", "kv_cache.gpu_memory_utilization=0.95"], "opt_66b": ["hardware=h200", "kv_cache.gpu_memory_utilization=0.95"],
+             "llama3_70b": ["hardware=h200", "kv_cache.gpu_memory_utilization=0.95"],
              "opt_175b": None}  # None: fits no single device (no tensor parallelism yet)
 NEEDS = {("model", "hf"): "model.name_or_path", ("workload", "trace"): "workload.path"}  # required fields
 

@@ -2,7 +2,9 @@
 
 Model presets follow the published configs (LLaMA, OPT); `tiny_llama` is the CPU-sized model the
 torch executor builds with random weights. Hardware numbers are vendor peak figures for dense
-bf16/fp16 math and HBM bandwidth; the cost model applies achievable-efficiency factors on top.
+bf16/fp16 math, HBM bandwidth and NVLink per GPU; `<gpu>_x<n>` presets run n of them with tensor
+parallelism. The cost model (pagedlab/executors/cost_model.py) applies achievable-efficiency factors
+on top; docs/cost_model.md gives the source of every number.
 """
 
 from __future__ import annotations
@@ -60,15 +62,29 @@ class ModelSpec:
 
 @dataclass(frozen=True)
 class HardwareSpec:
-    """One accelerator: memory, peak dense FLOP/s, memory bandwidth, and achievable fractions."""
+    """A node of ``num_gpus`` identical accelerators running one model with tensor parallelism.
+
+    ``memory_gib``, ``peak_tflops`` and ``hbm_gb_s`` are per GPU (vendor peak figures); the efficiencies are
+    the achievable fractions the cost model applies. Sources for every number: docs/cost_model.md."""
 
     name: str
-    memory_gib: float
-    peak_tflops: float
-    hbm_gb_s: float
-    compute_efficiency: float = 0.6
-    bandwidth_efficiency: float = 0.8
-    step_overhead_s: float = 2e-3  # scheduling, kernel launches, sampling per engine step
+    memory_gib: float  # per GPU
+    peak_tflops: float  # per GPU, dense fp16/bf16
+    hbm_gb_s: float  # per GPU
+    compute_efficiency: float = 0.7  # GEMMs and prefill attention
+    bandwidth_efficiency: float = 0.75  # weight, activation and (paged, block 16) KV streaming
+    step_overhead_s: float = 2e-3  # scheduling, input preparation, sampling per engine step
+    num_gpus: int = 1  # tensor-parallel degree: weights, heads and KV are split across the GPUs
+    interconnect_gb_s: float = 0.0  # GPU-GPU link (NVLink), per GPU and direction; 0 with one GPU
+    interconnect_efficiency: float = 0.8  # achievable fraction of interconnect_gb_s in a ring all-reduce
+    collective_latency_s: float = 10e-6  # fixed cost of one all-reduce / all-gather call
+    pcie_gb_s: float = 25.0  # host <-> device, one direction, achievable with pinned memory
+    pcie_copy_latency_s: float = 10e-6  # fixed cost of one host <-> device copy call (cudaMemcpyAsync)
+
+    @property
+    def total_memory_gib(self) -> float:
+        """Device memory of all GPUs together."""
+        return self.memory_gib * self.num_gpus
 
 
 MAX_LAYER_ELEMENTS = 2**31 - 1  # one layer's pool [2, blocks, block_size, kv_heads, D] stays int32-indexable
@@ -101,16 +117,26 @@ MODEL_PRESETS: dict[str, ModelSpec] = {
     "llama_70b": _llama("llama_70b", 80, 8192, 64, 8, 28672, max_position_embeddings=4096),
     "llama3_8b": _llama("llama3_8b", 32, 4096, 32, 8, 14336, vocab=128256, dtype="bfloat16",
                         max_position_embeddings=8192),
+    "llama3_70b": _llama("llama3_70b", 80, 8192, 64, 8, 28672, vocab=128256, dtype="bfloat16",
+                         max_position_embeddings=8192),
     "opt_13b": _opt("opt_13b", 40, 5120, 40),
     "opt_66b": _opt("opt_66b", 64, 9216, 72),
     "opt_175b": _opt("opt_175b", 96, 12288, 96),
 }
 
+_SINGLE_GPU: dict[str, HardwareSpec] = {  # SXM parts; NVLink per direction: A100 300 GB/s, H100/H200 450 GB/s
+    "a100_40gb": HardwareSpec("a100_40gb", 40, 312, 1555, interconnect_gb_s=300),
+    "a100_80gb": HardwareSpec("a100_80gb", 80, 312, 2039, interconnect_gb_s=300),
+    "h100_80gb": HardwareSpec("h100_80gb", 80, 989, 3350, interconnect_gb_s=450, pcie_gb_s=50.0),
+    "h200": HardwareSpec("h200", 139, 989, 4800, interconnect_gb_s=450, pcie_gb_s=50.0),
+}
+# `<gpu>_x<n>`: n GPUs of one node with tensor parallelism. The paper's setups (Kwon et al., SOSP 2023,
+# Table 1): OPT-13B / LLaMA-13B on one A100-40GB, OPT-66B on a100_40gb_x4, OPT-175B on a100_80gb_x8; today's
+# GPUs at 2, 4 and 8 (Llama 3 70B's 131 GiB of weights need at least two).
+TENSOR_PARALLEL = (("a100_40gb", 4), ("a100_80gb", 8), *((g, n) for g in ("h100_80gb", "h200") for n in (2, 4, 8)))
 HARDWARE_PRESETS: dict[str, HardwareSpec] = {
-    "a100_40gb": HardwareSpec("a100_40gb", 40, 312, 1555),
-    "a100_80gb": HardwareSpec("a100_80gb", 80, 312, 2039),
-    "h100_80gb": HardwareSpec("h100_80gb", 80, 989, 3350),
-    "h200": HardwareSpec("h200", 139, 989, 4800),
+    **_SINGLE_GPU,
+    **{f"{g}_x{n}": replace(_SINGLE_GPU[g], name=f"{g}_x{n}", num_gpus=n) for g, n in TENSOR_PARALLEL},
 }
 
 
