@@ -97,10 +97,13 @@ def sim_hardware(cfg: Any) -> HardwareSpec:
 
 
 def sim_budget(cfg: Any, spec: ModelSpec) -> tuple[float, str]:
-    """The simulator's default KV budget in bytes (hardware memory x utilization - weights) and its name."""
+    """The simulator's default KV budget in bytes (all the hardware's GPUs' memory x utilization - weights)
+    and its name."""
+    from pagedlab.executors.cost_model import default_kv_budget_bytes
+
     hw = sim_hardware(cfg)
     util = float(_get(cfg, "kv_cache.gpu_memory_utilization", 0.9))
-    return hw.memory_gib * GIB * util - spec.weight_bytes, f"hardware={hw.name} x kv_cache.gpu_memory_utilization - weights"
+    return default_kv_budget_bytes(spec, hw, util), f"hardware={hw.name} x kv_cache.gpu_memory_utilization - weights"
 
 
 def kv_num_blocks(cfg: Any, kv_bytes_per_token: int, default_budget: float | None, default_what: str) -> int:

@@ -128,11 +128,11 @@ def _fit_problems(cfg: DictConfig, spec: Any, errors: list[str]) -> None:
 
     hw = hardware_spec(cfg.hardware.name)
     util = cfg.kv_cache.gpu_memory_utilization
-    usable = hw.memory_gib * GIB * util
+    usable = hw.total_memory_gib * GIB * util
     if spec.weight_bytes > usable:
         errors.append(f"model={cfg.model.name} is not allowed with hardware={hw.name}: its weights take "
-                      f"{spec.weight_bytes / GIB:.1f} GiB ({spec.dtype}) but {hw.memory_gib:g} GiB x "
-                      f"kv_cache.gpu_memory_utilization={util:g} = {usable / GIB:.1f} GiB; expected a larger "
+                      f"{spec.weight_bytes / GIB:.1f} GiB ({spec.dtype}) but {hw.total_memory_gib:g} GiB "
+                      f"({hw.num_gpus} GPU(s)) x kv_cache.gpu_memory_utilization={util:g} = {usable / GIB:.1f} GiB; expected a larger "
                       f"hardware, a smaller model or a smaller model.dtype")
 
 

@@ -48,6 +48,7 @@ class Engine:
         self.executor = executor
         self.sampler = sampler
         self.block_size = block_manager.block_size
+        self.contiguous_kv = bool(getattr(block_manager, "contiguous_kv", False))
         self.wall = executor.time_source == "wall"
         self.clock = 0.0
         self.recorder = Recorder(block_manager.num_blocks, block_manager.block_size, executor.time_source)
@@ -125,7 +126,7 @@ class Engine:
         self.recorder.note_tails(self.bm.unfilled_tails())  # before sequences are freed below
         if model_input.num_seqs or sched.swap_out or sched.swap_in or sched.fork_copies:
             out = self.executor.execute(StepInput(
-                model_input, sched.fork_copies, sched.swap_out, sched.swap_in, sched.cow_copies))
+                model_input, sched.fork_copies, sched.swap_out, sched.swap_in, sched.cow_copies, self.contiguous_kv))
             self.sampler.begin_step(out.logits)
             step_time = out.time_s
         else:

@@ -53,6 +53,7 @@ class StepInput:
     swap_out: list[tuple[int, int]] = field(default_factory=list)  # (device block, host block)
     swap_in: list[tuple[int, int]] = field(default_factory=list)  # (host block, device block)
     cow_copies: list[tuple[int, int]] = field(default_factory=list)  # (src, dst) device blocks
+    contiguous_kv: bool = False  # each sequence's blocks are one physical run (a layout fact, not a policy)
 
 
 @dataclass

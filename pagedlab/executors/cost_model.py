@@ -79,6 +79,7 @@ class CostModel:
         self.peak = hardware.peak_tflops * 1e12 * hardware.compute_efficiency
         self.bw = hardware.hbm_gb_s * 1e9 * hardware.bandwidth_efficiency
         self.kv_bw = self.bw / kv_read_slowdown(block_size, paged)
+        self.kv_bw_contiguous = self.bw / kv_read_slowdown(block_size, False)
         # GEMMs of one layer: (FLOPs per token, weight bytes, activation bytes per token)
         qkv, mlp_in = (heads + 2 * kv_heads) * d, (2 if m.gated_mlp else 1) * inter
         self.gemms = [(2 * h * k, h * k * s, (h + k) * s) for k in (qkv, heads * d, mlp_in, inter)]
@@ -104,6 +105,8 @@ class CostModel:
     def parts(self, step: StepInput) -> tuple[float, ...]:
         """The step's time by part, in the order of ``PARTS``."""
         mi, hw, floor = step.model_input, self.hw, KERNEL_FLOOR_S
+        paged = self.paged and not step.contiguous_kv  # a contiguous allocator's KV reads as one run
+        kv_bw = self.kv_bw if paged else self.kv_bw_contiguous
         gemm = elementwise = attention = lm_head = comm = 0.0
         num_seqs = len(mi.query_lens)
         if num_seqs:
@@ -117,10 +120,10 @@ class CostModel:
                 prefill = [(q, c) for q, c in zip(mi.query_lens, mi.context_lens) if q > 1]
                 prefill_ctx = sum(c for _, c in prefill)
                 pairs = sum(map(mul, *zip(*prefill))) - sum(q * (q - 1) for q, _ in prefill) // 2  # causal
-                attention += self._op(self.attn_flops * pairs, kv * prefill_ctx, self.kv_bw)
+                attention += self._op(self.attn_flops * pairs, kv * prefill_ctx, kv_bw)
                 ctx -= prefill_ctx
             if ctx:  # decode: every sequence reads its whole context once
-                attention += self._op(self.attn_flops * ctx, kv * ctx, self.kv_bw)
+                attention += self._op(self.attn_flops * ctx, kv * ctx, kv_bw)
             attention += max(2 * kv * tokens / bw, floor)  # new K and V into their slots
             gemm, elementwise, attention = gemm * self.layers, elementwise * self.layers, attention * self.layers
             flops, weights, logits = self.lm_head
@@ -134,7 +137,7 @@ class CostModel:
         blocks = len(step.swap_in) + len(step.swap_out)
         swap_time = 0.0
         if blocks:
-            calls = blocks if self.paged else _runs(step.swap_out) + _runs(step.swap_in)
+            calls = blocks if paged else _runs(step.swap_out) + _runs(step.swap_in)
             swap_time = calls * self.copies_per_block * hw.pcie_copy_latency_s + blocks * self.block_bytes / self.pcie
         return gemm, elementwise, attention, lm_head, comm, copy_time, swap_time, hw.step_overhead_s
 

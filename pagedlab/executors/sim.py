@@ -18,8 +18,9 @@ from pagedlab.models.presets import HardwareSpec, ModelSpec
 class SimExecutor:
     """Models step time; returns no logits (the engine's SimSampler picks tokens).
 
-    ``paged=False`` (a contiguous allocator's run) reads KV at contiguous speed and swaps each run of
-    consecutive blocks with one copy per layer."""
+    A step whose ``contiguous_kv`` is set (the allocator lays each sequence out as one run of blocks), or
+    ``paged=False``, reads KV at contiguous speed and swaps each run of consecutive blocks with one copy
+    per layer."""
 
     time_source = "modelled"
 
@@ -38,7 +39,8 @@ class SimExecutor:
 
 class SimBackend:
     """``executor=sim``: the model preset's shapes (or a checkpoint's config.json), costed on the ``hardware``
-    preset; the default KV budget is the hardware's memory x ``kv_cache.gpu_memory_utilization`` - weights."""
+    preset (all its GPUs); the default KV budget is their memory x ``kv_cache.gpu_memory_utilization`` -
+    weights (:func:`pagedlab.executors.cost_model.default_kv_budget_bytes`)."""
 
     simulated = True  # no tensors: the checks use the hardware preset, not a device
 

@@ -111,6 +111,8 @@ class BlockManager(Accounting):
     ``BlockManager(...)`` returns an instance of the subclass composed for the arguments.
     """
 
+    contiguous_kv = False  # True where each sequence's blocks form one physical run (contiguous allocators)
+
     def __new__(cls, *args: object, **kwargs: object) -> BlockManager:  # noqa: PYI034
         """``BlockManager(...)`` builds the class composed for its arguments (checked in ``__init__``)."""
         impl = cls if cls is not BlockManager else implementation(

@@ -42,6 +42,8 @@ class ContiguousBlockManager(BlockManager):
     ever shared); ``prefix_cache`` must be false.
     """
 
+    contiguous_kv = True  # a sequence's blocks are one physical run (kernels and swaps may read it as one)
+
     def __init__(
         self,
         num_blocks: int,

@@ -34,6 +34,7 @@ class KVManager(Protocol):
     num_blocks: int
     block_size: int
     watermark_blocks: int
+    contiguous_kv: bool  # each sequence's blocks form one physical run (executors may read it as one)
 
     def can_allocate(self, token_ids: Sequence[int], final_len: int, num_seqs: int = 1) -> AllocStatus: ...
     def allocate(self, seq_id: int, token_ids: Sequence[int], final_len: int) -> int: ...
