@@ -216,11 +216,15 @@ def attention(
 
 class TorchGatherKernel:
     """``kernel=torch_gather`` (see the module docstring): runs wherever PyTorch does, in any dtype. No
-    options. Its methods are this module's functions (no wrapper on the per-layer call)."""
+    options. Its `write_kv` and `attention` are this module's functions, bound on the instance (the
+    per-layer call costs what a module function's does: no wrapper, no descriptor)."""
 
     name = "torch_gather"
     write_kv = staticmethod(write_kv)
     attention = staticmethod(attention)
+
+    def __init__(self) -> None:
+        self.write_kv, self.attention = write_kv, attention
 
     @staticmethod
     def workspace_bytes(spec: ModelSpec, max_num_seqs: int, max_model_len: int) -> int:

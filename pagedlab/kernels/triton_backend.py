@@ -290,8 +290,8 @@ class TritonKernel:
     """``kernel=triton``: reads the block table in the kernel (no gather). Option ``num_splits``: context
     splits per decode sequence (null: enough programs for about four waves of the GPU's SMs; 1: none).
 
-    Its methods are this module's functions (with ``num_splits`` bound when set), so the per-layer call
-    goes through no wrapper."""
+    Its `write_kv` and `attention` are this module's functions (``num_splits`` bound when set), bound on
+    the instance, so the per-layer call goes through no wrapper."""
 
     name = "triton"
     write_kv = staticmethod(write_kv)
@@ -302,8 +302,8 @@ class TritonKernel:
                                        or num_splits < 1):
             raise BadArgument("num_splits", num_splits, "an integer >= 1, or null (chosen per step)")
         self.num_splits = num_splits
-        if num_splits is not None:
-            self.attention = partial(attention, num_splits=num_splits)
+        self.write_kv = write_kv
+        self.attention = attention if num_splits is None else partial(attention, num_splits=num_splits)
 
     def workspace_bytes(self, spec: ModelSpec, max_num_seqs: int, max_model_len: int) -> int:
         """The split-decode buffers at most: m, l and acc in fp32 for every sequence, head and split."""
