@@ -10,6 +10,8 @@ import torch
 
 from pagedlab.executors import torch_executor
 from pagedlab.executors.torch_executor import TorchExecutor, resolve_device
+from pagedlab.kernels.torch_gather import TorchGatherKernel
+from pagedlab.kernels.triton_backend import TritonKernel
 
 
 @pytest.fixture(autouse=True)
@@ -37,9 +39,9 @@ def test_auto_with_cuda_does_not_warn(monkeypatch):
 
 def test_triton_on_the_cpu_says_it_is_interpreted():
     with pytest.warns(RuntimeWarning, match="kernel=triton on the CPU runs Triton's interpreter"):
-        ex = TorchExecutor("tiny_llama", kernel="triton", device="cpu", num_blocks=4)
+        ex = TorchExecutor("tiny_llama", kernel=TritonKernel(), device="cpu", num_blocks=4)
     assert ex.device.type == "cpu"
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        TorchExecutor("tiny_llama", kernel="triton", device="cpu", num_blocks=4)  # once
-        TorchExecutor("tiny_llama", kernel="torch_gather", device="cpu", num_blocks=4)
+        TorchExecutor("tiny_llama", kernel=TritonKernel(), device="cpu", num_blocks=4)  # once
+        TorchExecutor("tiny_llama", kernel=TorchGatherKernel(), device="cpu", num_blocks=4)

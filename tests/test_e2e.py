@@ -30,7 +30,8 @@ WORKLOAD = {  # 8 requests, all at t=0, prompts of 4-40 tokens, 2-20 new tokens 
     "max_model_len": 256, "kv_cache.budget_gib": 0.01,
     "workload.num_requests": 8, "workload.prompt_len": [4, 40], "workload.output_len": [2, 20],
 }
-TRITON = {"kernel.name": "triton", "workload.num_requests": 3, "workload.prompt_len": [4, 12],
+TRITON = {"kernel": {"_target_": "pagedlab.kernels.triton_backend.TritonKernel", "name": "triton"},
+          "workload.num_requests": 3, "workload.prompt_len": [4, 12],
           "workload.output_len": [2, 5]}  # Triton's interpreter on the CPU: a few short requests
 TIGHT = {"kv_cache.num_blocks": 6}  # 96 slots at block_size 16: the batch cannot all stay resident
 SAMPLED = {"workload.n": 3, "sampling.temperature": 1.0, "sampling.top_k": 50, "sampling.top_p": 0.9,

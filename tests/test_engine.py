@@ -15,7 +15,7 @@ BASE = {
                  "watermark": 0.01, "cpu_budget_gib": 0.25},
     "allocator": {"name": "paged", "order": "lifo"},
     "eviction": {"mode": "recompute", "victim": "newest"},
-    "kernel": {"name": "torch_gather"},
+    "kernel": {"_target_": "pagedlab.kernels.torch_gather.TorchGatherKernel", "name": "torch_gather"},
     "executor": {"name": "sim"},
     "model": {"name": "llama_13b", "name_or_path": None, "dtype": "auto"},
     "hardware": {"name": "a100_40gb"},

@@ -65,10 +65,10 @@ def reference(query, full_k, full_v, qlens, scale, window=None):
     return torch.cat(outs)
 
 
-def check(kernel, qlens, ctxs, bs, kv_heads, group, dim, window=None, seed=0, layout="shuffled", **kw):
+def check(kernel, qlens, ctxs, bs, kv_heads, group, dim, window=None, seed=0, layout="shuffled", **options):
     kv, meta, q, k, v, full_k, full_v = make_batch(qlens, ctxs, bs, kv_heads, group, dim, seed, layout=layout)
     scale = dim**-0.5
-    out = get_kernel(kernel).attention(q, k, v, kv, meta, scale, window, **kw)
+    out = get_kernel(kernel, **options).attention(q, k, v, kv, meta, scale, window)
     ref = reference(q, full_k, full_v, qlens, scale, window)
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-4)
     flat = kv.view(2, -1, kv_heads, dim)
@@ -172,7 +172,7 @@ def test_triton_query_dtype_differs_from_pool(splits):
     kv, meta, q, k, v, full_k, full_v = make_batch(MIXED_Q, MIXED_C, 16, 2, 4, 64)
     kv = kv.half()
     kv2 = kv.clone()
-    out = get_kernel("triton").attention(q, k, v, kv, meta, 0.125, num_splits=splits)
+    out = get_kernel("triton", num_splits=splits).attention(q, k, v, kv, meta, 0.125)
     get_kernel("torch_gather").write_kv(kv2, k, v, meta)
     assert out.dtype == torch.float32 and kv.dtype == torch.float16
     assert torch.equal(kv, kv2)
@@ -229,3 +229,43 @@ def test_gather_workspace_made_in_inference_mode_serves_outside_it_too():
         inside = torch_gather.attention(q, k, v, kv.clone(), meta, 0.125)
     outside = torch_gather.attention(q, k, v, kv, meta, 0.125)
     torch.testing.assert_close(inside, outside)
+
+
+def test_kernel_objects_are_thin_and_refuse_bad_options():
+    """The kernel classes (what `kernel._target_` names): their per-layer methods are the module's
+    functions (no wrapper), options are constructor keywords, and a bad one names the field."""
+    from omegaconf import OmegaConf
+
+    from pagedlab.config import ConfigError, config_dir
+    from pagedlab.errors import BadArgument
+    from pagedlab.kernels import KERNELS, torch_gather, triton_backend
+    from pagedlab.parts import instantiate_part
+
+    gather, triton = get_kernel("torch_gather"), get_kernel("triton")
+    assert gather.attention is torch_gather.attention and gather.write_kv is torch_gather.write_kv
+    assert triton.attention is triton_backend.attention and triton.num_splits is None
+    assert get_kernel("triton", num_splits=3).attention.keywords == {"num_splits": 3}
+    for bad in (0, -1, 2.5, True, "4"):
+        with pytest.raises(BadArgument, match=f"num_splits={bad if bad is not True else 'true'} is not allowed"):
+            triton_backend.TritonKernel(num_splits=bad)
+    with pytest.raises(TypeError):
+        torch_gather.TorchGatherKernel(num_splits=2)
+    with pytest.raises(ValueError, match="not one of torch_gather, triton"):
+        get_kernel("flash")
+    for name, target in KERNELS.items():
+        kernel = instantiate_part(OmegaConf.load(config_dir() / "kernel" / f"{name}.yaml"), "kernel")
+        assert kernel.name == name and f"{type(kernel).__module__}.{type(kernel).__name__}" == target
+    node = OmegaConf.create({"_target_": KERNELS["triton"], "name": "triton", "num_splits": 0})
+    with pytest.raises(ConfigError, match=r"kernel\.num_splits=0 is not allowed: expected an integer >= 1"):
+        instantiate_part(node, "kernel")
+
+
+def test_kernels_say_where_they_cannot_run():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    gather, triton = get_kernel("torch_gather"), get_kernel("triton")
+    for device in (cpu, cuda):
+        assert gather.device_warning(device) is None and gather.problem(device, torch.bfloat16) is None
+    assert "Triton's interpreter" in triton.device_warning(cpu) and triton.device_warning(cuda) is None
+    assert triton.problem(cpu) is None and triton.problem(cpu, torch.float32) is None
+    assert triton.problem(cpu, torch.bfloat16).startswith("Triton's interpreter has no bfloat16; expected")
+    assert triton.problem(cuda, torch.bfloat16) is None  # tiles are checked only with the model's shapes

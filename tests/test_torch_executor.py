@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from pagedlab.executors.base import ModelInput, StepInput
 from pagedlab.executors.torch_executor import TorchExecutor, num_blocks_from_budget, resolve_device
+from pagedlab.kernels import get_kernel
 from pagedlab.models.tiny import save_tiny_model
 
 
@@ -102,7 +103,8 @@ def test_matches_hf_forward(model_dirs, kind, block_size, kernel, forward):
     if kernel == "triton" and block_size == 1:
         block_size = 4  # block size 1 is a gather-only case; keeps the interpreter quick
     path = str(model_dirs[kind])
-    ex = TorchExecutor(path, num_blocks=64, block_size=block_size, kernel=kernel, device="auto", forward=forward)
+    ex = TorchExecutor(path, num_blocks=64, block_size=block_size, kernel=get_kernel(kernel), device="auto",
+                       forward=forward)
     assert (ex.model.compact is not None) == (forward == "compact")
     ref = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager").eval()
     run_schedule(ex, ref, block_size)
@@ -112,7 +114,7 @@ def test_matches_hf_forward(model_dirs, kind, block_size, kernel, forward):
 @pytest.mark.parametrize("kernel", ["torch_gather", "triton"])
 def test_sliding_window_model(model_dirs, kernel, forward):
     path = str(model_dirs["mistral"])
-    ex = TorchExecutor(path, num_blocks=64, block_size=4, kernel=kernel, device="cpu", forward=forward)
+    ex = TorchExecutor(path, num_blocks=64, block_size=4, kernel=get_kernel(kernel), device="cpu", forward=forward)
     if forward == "compact":
         assert [layer.sliding_window for layer in ex.model.compact.layers] == [6] * 4
     ref = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager").eval()
@@ -147,21 +149,47 @@ def test_budget_and_sizes():
         TorchExecutor(None, block_size=16, budget_bytes=10, device="cpu")
 
 
-def test_load_for_engine(model_dirs):
+GATHER = {"_target_": "pagedlab.kernels.torch_gather.TorchGatherKernel", "name": "torch_gather"}
+TRITON = {"_target_": "pagedlab.kernels.triton_backend.TritonKernel", "name": "triton"}
+
+
+def test_torch_backend(model_dirs):
     from omegaconf import OmegaConf
 
-    from pagedlab.executors.torch_executor import load_for_engine
+    from pagedlab.engine.sampler import LogitsSampler
+    from pagedlab.executors.torch_executor import TorchBackend
+    from pagedlab.kernels.torch_gather import TorchGatherKernel
 
-    cfg = OmegaConf.create({"device": "cpu", "seed": 0, "kernel": {"name": "torch_gather"},
+    cfg = OmegaConf.create({"device": "cpu", "seed": 0, "kernel": GATHER,
                             "model": {"name": "hf", "name_or_path": str(model_dirs["qwen2"]), "dtype": "auto"},
                             "kv_cache": {"cpu_budget_gib": 0.01, "gpu_memory_utilization": 0.9}})
-    parts = load_for_engine(cfg)
-    assert parts.spec.kv_bytes_per_token == 2 * 4 * 2 * 32 * 4 and parts.spec.vocab_size == 1024
-    assert parts.default_budget_bytes == 0.01 * 2**30 and parts.eos_token_id == 2
-    ex = parts.make_executor(10, 8, 2)
+    backend = TorchBackend(cfg)
+    assert backend.spec.kv_bytes_per_token == 2 * 4 * 2 * 32 * 4 and backend.spec.vocab_size == 1024
+    assert backend.default_budget_bytes == 0.01 * 2**30 and backend.eos_token_id == 2
+    assert backend.budget_what == "kv_cache.cpu_budget_gib" and isinstance(backend.kernel, TorchGatherKernel)
+    ex = backend.make_executor(10, 8, 2)
     assert ex.num_blocks == 10 and ex.kv.host.shape[2] == 2 and ex.model.device.type == "cpu"
+    assert ex.kernel is backend.kernel and ex.model is backend.model  # loaded once, shared
+    assert isinstance(backend.make_sampler(3), LogitsSampler) and backend.make_sampler(3).base_seed == 3
     with pytest.raises(ValueError, match="name_or_path"):
-        load_for_engine(OmegaConf.create({"model": {"name": "llama_7b"}}))
+        TorchBackend(OmegaConf.create({"model": {"name": "llama_7b"}}))
+
+
+def test_torch_backend_builds_the_configured_kernel(model_dirs):
+    from omegaconf import OmegaConf
+
+    from pagedlab.config import ConfigError
+    from pagedlab.executors.torch_executor import TorchBackend, load_for_engine
+
+    base = {"device": "cpu", "model": {"name": "hf", "name_or_path": str(model_dirs["llama"]), "dtype": "float32"}}
+    backend = TorchBackend(OmegaConf.create({**base, "kernel": {**TRITON, "num_splits": 3}}))
+    assert backend.kernel.name == "triton" and backend.kernel.num_splits == 3
+    assert backend.make_executor(8, 4, 0).kernel is backend.kernel
+    assert load_for_engine is TorchBackend  # the name pagedlab.experiment still calls
+    with pytest.raises(ConfigError, match=r"kernel\.num_splits=0 is not allowed: expected an integer >= 1"):
+        TorchBackend(OmegaConf.create({**base, "kernel": {**TRITON, "num_splits": 0}}))
+    with pytest.raises(ValueError, match="Triton's interpreter has no bfloat16"):
+        TorchBackend(OmegaConf.create({**base, "model": {**base["model"], "dtype": "bfloat16"}, "kernel": TRITON}))
 
 
 def test_compact_forward_shares_weights_and_refuses_other_model_types(model_dirs):

@@ -156,33 +156,49 @@ def _device_problems(cfg: DictConfig, errors: list[str]) -> str:
 
 
 def _kernel_problems(cfg: DictConfig, spec: Any, device: str | None, errors: list[str]) -> None:
-    import importlib.util
+    """Asks the kernel (built from ``kernel._target_``; cheap) whether it can run here: with executor=sim
+    only the plain-PyTorch one is taken (the simulator runs none); then its package, the model's dtype
+    on this device, and (CUDA) its tiles for this model and GPU."""
+    from pagedlab.config import ConfigError
+    from pagedlab.kernels.torch_gather import TorchGatherKernel
+    from pagedlab.parts import instantiate_part
 
-    if cfg.kernel.name != "triton":
+    try:
+        kernel = instantiate_part(cfg.kernel, "kernel")
+    except ConfigError as exc:
+        errors.extend(exc.problems)
         return
+    label = f"kernel={cfg.kernel.get('name') or kernel.name}"
     if cfg.executor.name == "sim":
-        errors.append("kernel=triton is not allowed with executor=sim: the simulator runs no attention kernel; "
-                      "expected executor=torch, or kernel=torch_gather")
-    elif importlib.util.find_spec("triton") is None:
-        errors.append("kernel=triton is not allowed: the `triton` package is not installed; expected "
-                      "kernel=torch_gather (or `pip install triton`)")
-    elif device == "cpu" and spec is not None and spec.dtype in ("bfloat16", "bf16"):
-        dtype = cfg.model.dtype if cfg.model.dtype != "auto" else "auto (the checkpoint's bfloat16)"
-        errors.append(f"kernel=triton is not allowed with model.dtype={dtype} on the CPU: "
-                      "Triton's interpreter has no bfloat16; expected model.dtype=float32 or float16, "
-                      "kernel=torch_gather, or a CUDA device")
-    elif device == "cuda" and spec is not None and not errors:
-        import torch
+        if not isinstance(kernel, TorchGatherKernel):
+            errors.append(f"{label} is not allowed with executor=sim: the simulator runs no attention kernel; "
+                          "expected executor=torch, or kernel=torch_gather")
+        return
+    if device is None:
+        return
+    import torch
 
-        from pagedlab.kernels import triton_backend as tb
-        from pagedlab.models.hf_adapter import resolve_dtype
+    dev = torch.device(cfg.device if cfg.device != "auto" else device)
+    why = kernel.problem(dev)
+    if why:
+        errors.append(f"{label} is not allowed: {why}")
+        return
+    if spec is None:
+        return
+    from pagedlab.models.dtypes import resolve_dtype
 
-        dev = torch.device(cfg.device if cfg.device != "auto" else "cuda")
-        problem = tb.shared_memory_problem(spec.num_heads, spec.num_kv_heads, spec.head_dim,
-                                           resolve_dtype(spec.dtype), tb.shared_memory_limit(dev))
-        if problem:
-            errors.append(f"kernel=triton is not allowed for this model on {dev}: "
-                          f"{problem.removeprefix('kernel=triton: ')}")
+    dtype = resolve_dtype(spec.dtype)
+    if not isinstance(dtype, torch.dtype):
+        return
+    why = kernel.problem(dev, dtype)
+    if why:
+        shown = cfg.model.dtype if cfg.model.dtype != "auto" else f"auto (the checkpoint's {spec.dtype})"
+        where = "the CPU" if dev.type == "cpu" else str(dev)
+        errors.append(f"{label} is not allowed with model.dtype={shown} on {where}: {why}")
+    elif dev.type == "cuda" and not errors:
+        why = kernel.problem(dev, dtype, spec)
+        if why:
+            errors.append(f"{label} is not allowed for this model on {dev}: {why}")
 
 
 def _budget_problems(cfg: DictConfig, spec: Any, device: str | None, sim: bool, per_seq_reservations: bool,

@@ -74,10 +74,10 @@ def bench_case(batch: int, ctx: int, a: argparse.Namespace) -> list[tuple[str, f
     ref = contiguous().squeeze(2).float()
     timings = [("sdpa contig", cuda_time(contiguous), 0.0)]
     for name in ("triton", "torch_gather"):
-        mod = get_kernel(name)
+        kernel = get_kernel(name)
 
-        def paged(mod=mod) -> torch.Tensor:
-            return mod.attention(q, nk, nv, kv, meta, scale)
+        def paged(kernel=kernel) -> torch.Tensor:
+            return kernel.attention(q, nk, nv, kv, meta, scale)
 
         timings.append((name, cuda_time(paged), (paged().float() - ref).abs().max().item()))
     t_ref = timings[0][1]
@@ -87,7 +87,10 @@ def bench_case(batch: int, ctx: int, a: argparse.Namespace) -> list[tuple[str, f
 # -- the smoke test ---------------------------------------------------------------------------------
 
 TOLERANCE = {torch.float32: 2e-3, torch.bfloat16: 4e-2}  # max |paged - fp32 contiguous SDPA|
-SMOKE_KERNELS = ("torch_gather", "triton")
+SMOKE_KERNELS = {  # label -> constructor options that force the split-decode check's context splits
+    "torch_gather": {},
+    "triton": {"num_splits": 4},
+}
 
 
 def _batch(qlens, ctxs, bs, kv_heads, group, dim, dtype, device, seed=0, num_blocks=None, top=False):
@@ -142,13 +145,15 @@ MIXED_Q, MIXED_C = [5, 1, 7, 40, 1, 3, 1], [5, 1000, 40, 100, 7, 16, 300]  # pre
 
 def check_kernel_matrix(kernel: str, dtype: torch.dtype, bs: int, device: str = "cuda",
                         dims=(64, 128, 256), groups=(1, 4, 7), window: int | None = None,
-                        qlens=MIXED_Q, ctxs=MIXED_C, **kw) -> tuple[bool, str]:
-    """Mixed batches (prefill, prefill over a cached prefix, decode) for every head dim and GQA group."""
+                        qlens=MIXED_Q, ctxs=MIXED_C, **options) -> tuple[bool, str]:
+    """Mixed batches (prefill, prefill over a cached prefix, decode) for every head dim and GQA group;
+    `options`: the kernel's constructor options."""
     worst, where = 0.0, ""
+    attention = get_kernel(kernel, **options).attention
     for dim in dims:
         for group in groups:
             kv, meta, q, k, v, fulls = _batch(qlens, ctxs, bs, 2, group, dim, dtype, device, seed=dim + group)
-            out = get_kernel(kernel).attention(q, k, v, kv, meta, dim**-0.5, window, **kw)
+            out = attention(q, k, v, kv, meta, dim**-0.5, window)
             err = (out.float() - _reference(q, fulls, qlens, dim**-0.5, window)).abs().max().item()
             if not err <= worst:  # NaN counts as worst
                 worst, where = err, f"dim {dim} group {group}"
@@ -158,10 +163,10 @@ def check_kernel_matrix(kernel: str, dtype: torch.dtype, bs: int, device: str = 
 
 
 def check_split_decode(kernel: str, device: str = "cuda") -> tuple[bool, str]:
-    """Batch 1, a long context: the Triton kernel splits it over the SMs (forced to 4 splits)."""
-    kw = {"num_splits": 4} if kernel == "triton" else {}
+    """Batch 1, a long context: the Triton kernel splits it over the SMs (forced to 4 splits, see
+    SMOKE_KERNELS)."""
     return check_kernel_matrix(kernel, torch.bfloat16, 16, device, dims=(128,), groups=(1, 4, 7),
-                               qlens=[1], ctxs=[8000], **kw)
+                               qlens=[1], ctxs=[8000], **SMOKE_KERNELS.get(kernel, {}))
 
 
 def check_large_pool(kernel: str, device: str = "cuda") -> tuple[bool, str]:

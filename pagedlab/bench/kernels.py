@@ -21,7 +21,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from pagedlab.kernels import build_metadata, get_kernel
+from pagedlab.kernels import build_metadata
+from pagedlab.kernels.torch_gather import TorchGatherKernel
 from pagedlab.kv.block_manager import BlockManager
 
 
@@ -107,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
     layouts = tuple(a.layouts.split(","))
     q, nk, nv, kc, vc, pools = setup_layouts(a.batch, a.context, a.block_size, a.heads, a.kv_heads, a.head_dim, layouts)
     group, scale = a.heads // a.kv_heads, a.head_dim**-0.5
-    gather = get_kernel("torch_gather")
+    gather = TorchGatherKernel()
     q4 = q.unsqueeze(2)
     qp = q.view(a.batch, a.kv_heads, group, a.head_dim)
     ref = F.scaled_dot_product_attention(q4, kc, vc, enable_gqa=True).squeeze(2)

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Callable
-from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -18,7 +16,8 @@ import torch
 
 from pagedlab.cfg_access import cfg_get
 from pagedlab.executors.base import ModelInput, StepInput, StepOutput
-from pagedlab.kernels import KVCache, build_metadata, get_kernel
+from pagedlab.kernels import AttentionKernel, KVCache, build_metadata
+from pagedlab.kernels.torch_gather import TorchGatherKernel
 from pagedlab.models.hf_adapter import HFModel, resolve_dtype
 from pagedlab.models.presets import (
     GIB,
@@ -34,30 +33,19 @@ CPU_BUDGET_BYTES = 1 << 28  # 0.25 GiB of KV when running on the CPU with no bud
 num_blocks_from_budget = num_blocks_in_budget  # the one sizing rule (docs/metrics.md), shared with the simulator
 
 
-def reserved_bytes(spec: ModelSpec, kernel: str, max_num_batched_tokens: int = 8192, max_num_seqs: int = 256,
-                   max_model_len: int = 2048) -> int:
+def reserved_bytes(spec: ModelSpec, kernel: AttentionKernel, max_num_batched_tokens: int = 8192,
+                   max_num_seqs: int = 256, max_model_len: int = 2048) -> int:
     """Device memory the engine uses outside the KV pool and the weights, at most, for this config:
 
-    - torch_gather: its gather workspace (decode chunks up to CHUNK_BYTES, or one whole
-      max_model_len sequence for a prefill over a cached prefix; it only grows), the K/V of such a
-      prefill with its heads repeated on CUDA, and one masked prefill call's scores and mask;
-    - triton: the split-decode buffers (m, l, acc in fp32 for every sequence, head and split);
+    - the kernel's own (`kernel.workspace_bytes`: torch_gather's gather workspace, Triton's
+      split-decode buffers);
     - activations of a step of max_num_batched_tokens tokens (hidden states, q/k/v, attention output,
       the MLP's three intermediates, twice for the allocator's overlap between layers) and the fp32
       last-token logits.
     """
-    from pagedlab.kernels import torch_gather, triton_backend
-
-    tokens, seqs, ctx = max_num_batched_tokens, max_num_seqs, max_model_len
+    tokens, seqs = max_num_batched_tokens, max_num_seqs
     b = spec.dtype_bytes
-    token_kv = 2 * spec.num_kv_heads * spec.head_dim * b  # one layer
-    if kernel == "triton":
-        splits = -(-ctx // triton_backend.MIN_SPLIT_TOKENS)
-        kernel_bytes = seqs * spec.num_heads * splits * (spec.head_dim + 2) * 4
-    else:
-        workspace = max(min(torch_gather.CHUNK_BYTES["cuda"], seqs * ctx * token_kv), ctx * token_kv)
-        repeated = 2 * ctx * spec.num_heads * spec.head_dim * b
-        kernel_bytes = workspace + repeated + 2 * torch_gather.PREFILL_SCORE_BYTES
+    kernel_bytes = kernel.workspace_bytes(spec, max_num_seqs, max_model_len)
     width = 4 * spec.hidden_size + 2 * (spec.num_heads + spec.num_kv_heads) * spec.head_dim \
         + 3 * spec.intermediate_size
     activations = 2 * tokens * width * b + 2 * seqs * spec.vocab_size * 4
@@ -90,9 +78,6 @@ def warn_once(message: str) -> None:
 
 AUTO_CPU_WARNING = ("pagedlab: device=auto found no CUDA device ({why}); running on the CPU, which is far "
                     "slower. Set device=cpu to silence this, or device=cuda to require a GPU.")
-TRITON_CPU_WARNING = ("pagedlab: kernel=triton on the CPU runs Triton's interpreter (TRITON_INTERPRET=1): "
-                      "a few tokens per second, for tests and small fp32 shapes only; use kernel=torch_gather "
-                      "on the CPU, or a CUDA device.")
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -106,10 +91,20 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return torch.device(device)
 
 
-def warn_triton_on_cpu(kernel: str, device: torch.device) -> None:
-    """kernel=triton off CUDA: say (once) that it runs Triton's slow interpreter."""
-    if kernel == "triton" and device.type != "cuda":
-        warn_once(TRITON_CPU_WARNING)
+def warn_kernel(kernel: AttentionKernel, device: torch.device) -> None:
+    """What the kernel says about running on `device` (kernel=triton on the CPU: Triton's slow
+    interpreter), once per process."""
+    message = kernel.device_warning(device)
+    if message:
+        warn_once(message)
+
+
+def check_kernel(kernel: AttentionKernel, device: torch.device, dtype: torch.dtype) -> None:
+    """ValueError when the kernel cannot run on `device` in `dtype` (kernel=triton: bfloat16 on the CPU)."""
+    why = kernel.problem(device, dtype)
+    if why:
+        raise ValueError(f"kernel={kernel.name} is not allowed with dtype {str(dtype).removeprefix('torch.')} "
+                         f"on {device}: {why}")
 
 
 def load_model(name_or_path: str | None, dtype: str | torch.dtype, device: torch.device, seed: int,
@@ -126,7 +121,8 @@ def load_model(name_or_path: str | None, dtype: str | torch.dtype, device: torch
 
 
 class TorchExecutor:
-    """Runs steps on a real model. `num_blocks=None` derives the block count from a byte budget:
+    """Runs steps on a real model with `kernel` (an AttentionKernel; None: TorchGatherKernel).
+    `num_blocks=None` derives the block count from a byte budget:
     `budget_bytes` if given, else on CUDA `free memory before loading * gpu_memory_utilization -
     weights - reserved_bytes(...)`, else `CPU_BUDGET_BYTES`; a derived count is capped so that one
     layer's pool stays under 2^31 elements.
@@ -141,7 +137,7 @@ class TorchExecutor:
         num_blocks: int | None = None,
         block_size: int = 16,
         num_swap_blocks: int = 0,
-        kernel: str = "torch_gather",
+        kernel: AttentionKernel | None = None,
         device: str | torch.device = "auto",
         dtype: str | torch.dtype = "auto",
         budget_bytes: int | None = None,
@@ -154,15 +150,13 @@ class TorchExecutor:
         forward: str = "auto",
     ) -> None:
         self.device = resolve_device(device)
-        self.kernel_name = kernel
-        self.kernel = get_kernel(kernel)
-        warn_triton_on_cpu(kernel, self.device)
+        self.kernel = kernel = kernel if kernel is not None else TorchGatherKernel()
+        warn_kernel(kernel, self.device)
         free_before = torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" else 0
         if model is None:
             model = load_model(name_or_path, dtype, self.device, seed, forward)
         self.model = model if isinstance(model, HFModel) else HFModel(model.to(self.device), forward)
-        if kernel == "triton" and self.device.type != "cuda" and self.model.dtype == torch.bfloat16:
-            raise ValueError("kernel=triton on the CPU runs under Triton's interpreter, which has no bfloat16")
+        check_kernel(kernel, self.device, self.model.dtype)
         self.block_size = block_size
         if num_blocks is None:
             m = self.model
@@ -218,56 +212,64 @@ class TorchExecutor:
         return StepOutput(logits=logits, time_s=time.perf_counter() - start)
 
 
-@dataclass
-class EngineParts:
-    """What `pagedlab.experiment.build` needs from the torch side before it sizes the KV cache."""
+class TorchBackend:
+    """`executor=torch` (conf/executor/torch.yaml; see `pagedlab.executors.base.Backend`): loads the
+    configured model once; the engine then makes executors with the block counts the budget gives.
 
-    spec: ModelSpec
-    default_budget_bytes: float
-    budget_what: str
-    eos_token_id: int | None
-    make_executor: Callable[[int, int, int], TorchExecutor]
-
-
-def load_for_engine(cfg: Any) -> EngineParts:
-    """Load the configured model once; the executor is made later with the block counts.
-
-    Uses `model.{name,name_or_path,dtype,forward}`, `device`, `kernel.name` and
-    `kv_cache.{gpu_memory_utilization,cpu_budget_gib}`. Tiny models are always built with seed 0, so
-    `tiny_llama` names one fixed model whatever the workload seed.
+    Uses `model.{name,name_or_path,dtype,forward}`, `device`, `kernel` (built from its `_target_`),
+    `kv_cache.{gpu_memory_utilization,cpu_budget_gib}`, `block_size` and `max_num_{batched_tokens,seqs}`,
+    `max_model_len` (for the memory reserved outside the pool). Tiny models are always built with
+    seed 0, so `tiny_llama` names one fixed model whatever the workload seed.
     """
-    get = partial(cfg_get, cfg)
-    name, path = get("model.name", "tiny_llama"), get("model.name_or_path")
-    if path is None and not name.startswith("tiny_"):
-        raise ValueError(f"executor=torch with model={name} needs model.name_or_path (a local folder or hub "
-                         "id); shape presets without weights run with executor=sim")
-    device = resolve_device(get("device", "auto"))
-    kernel = get("kernel.name", "torch_gather")
-    warn_triton_on_cpu(kernel, device)
-    free_before = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 0
-    model = load_model(path or name, get("model.dtype", "auto"), device, seed=0,
-                       forward=get("model.forward", "auto"))
-    dtype_name = str(model.dtype).removeprefix("torch.")
-    spec = spec_from_hf_config(model.model.config.get_text_config(), path or name, dtype_name)
-    reserved = reserved_bytes(spec, kernel, int(get("max_num_batched_tokens", 8192)),
-                              int(get("max_num_seqs", 256)), int(get("max_model_len", 2048)))
-    budget = default_budget_bytes(device, free_before, float(get("kv_cache.gpu_memory_utilization", 0.9)),
-                                  model.weight_bytes, float(get("kv_cache.cpu_budget_gib", CPU_BUDGET_BYTES / GIB)) * GIB,
-                                  reserved=reserved)
-    what = ("free device memory x kv_cache.gpu_memory_utilization - weights - workspace and activations"
-            if device.type == "cuda" else "kv_cache.cpu_budget_gib")
-    if device.type == "cuda":  # whole blocks under 2^31 elements per layer (byte budget, as the sizing rule takes)
-        block_size = int(get("block_size", 16))
-        cap = max_blocks_per_layer(block_size, spec.num_kv_heads, spec.head_dim)
-        if budget > cap * block_size * spec.kv_bytes_per_token:
-            budget = cap * block_size * spec.kv_bytes_per_token
-            what += f" (capped at {cap} blocks: one layer's pool under 2^31 elements)"
-    eos = getattr(model.model.generation_config, "eos_token_id", None) or model.model.config.eos_token_id
-    if isinstance(eos, (list, tuple)):
-        eos = eos[0] if eos else None
 
-    def make(num_blocks: int, block_size: int, num_swap_blocks: int) -> TorchExecutor:
-        return TorchExecutor(model=model, num_blocks=num_blocks, block_size=block_size,
-                             num_swap_blocks=num_swap_blocks, kernel=kernel, device=device)
+    def __init__(self, cfg: Any) -> None:
+        from pagedlab.parts import instantiate_part
 
-    return EngineParts(spec, budget, what, eos, make)
+        get = partial(cfg_get, cfg)
+        name, path = get("model.name", "tiny_llama"), get("model.name_or_path")
+        if path is None and not name.startswith("tiny_"):
+            raise ValueError(f"executor=torch with model={name} needs model.name_or_path (a local folder or hub "
+                             "id); shape presets without weights run with executor=sim")
+        self.device = device = resolve_device(get("device", "auto"))
+        node = get("kernel")
+        self.kernel = kernel = instantiate_part(node, "kernel") if node is not None else TorchGatherKernel()
+        warn_kernel(kernel, device)
+        free_before = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 0
+        self.model = model = load_model(path or name, get("model.dtype", "auto"), device, seed=0,
+                                        forward=get("model.forward", "auto"))
+        check_kernel(kernel, device, model.dtype)
+        dtype_name = str(model.dtype).removeprefix("torch.")
+        self.spec = spec = spec_from_hf_config(model.model.config.get_text_config(), path or name, dtype_name)
+        reserved = reserved_bytes(spec, kernel, int(get("max_num_batched_tokens", 8192)),
+                                  int(get("max_num_seqs", 256)), int(get("max_model_len", 2048)))
+        cpu_budget = float(get("kv_cache.cpu_budget_gib", CPU_BUDGET_BYTES / GIB)) * GIB
+        budget = default_budget_bytes(device, free_before, float(get("kv_cache.gpu_memory_utilization", 0.9)),
+                                      model.weight_bytes, cpu_budget, reserved=reserved)
+        what = ("free device memory x kv_cache.gpu_memory_utilization - weights - workspace and activations"
+                if device.type == "cuda" else "kv_cache.cpu_budget_gib")
+        if device.type == "cuda":  # whole blocks under 2^31 elements per layer (byte budget, as the sizing rule takes)
+            block_size = int(get("block_size", 16))
+            cap = max_blocks_per_layer(block_size, spec.num_kv_heads, spec.head_dim)
+            if budget > cap * block_size * spec.kv_bytes_per_token:
+                budget = cap * block_size * spec.kv_bytes_per_token
+                what += f" (capped at {cap} blocks: one layer's pool under 2^31 elements)"
+        self.default_budget_bytes: float | None = budget
+        self.budget_what = what
+        eos = getattr(model.model.generation_config, "eos_token_id", None) or model.model.config.eos_token_id
+        if isinstance(eos, (list, tuple)):
+            eos = eos[0] if eos else None
+        self.eos_token_id: int | None = eos
+
+    def make_executor(self, num_blocks: int, block_size: int, num_swap_blocks: int) -> TorchExecutor:
+        """An executor over a fresh KV pool of these sizes, on the model loaded once."""
+        return TorchExecutor(model=self.model, num_blocks=num_blocks, block_size=block_size,
+                             num_swap_blocks=num_swap_blocks, kernel=self.kernel, device=self.device)
+
+    def make_sampler(self, seed: int) -> Any:
+        """Token choices from the executor's logits."""
+        from pagedlab.engine.sampler import LogitsSampler
+
+        return LogitsSampler(seed)
+
+
+load_for_engine = TorchBackend  # transitional: pagedlab.experiment.build still calls this name

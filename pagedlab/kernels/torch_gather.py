@@ -1,4 +1,5 @@
-"""`kernel=torch_gather`: paged attention in plain PyTorch (any device, any dtype).
+"""`kernel=torch_gather` (:class:`TorchGatherKernel`): paged attention in plain PyTorch (any device,
+any dtype).
 
 New keys/values are written into their slots with one `index_copy_`. Attention then gathers each
 sequence's blocks through its block table into contiguous K/V and calls
@@ -23,10 +24,15 @@ and one call per sequence (its SDPA handles both without a score-matrix blow-up 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 
 from pagedlab.kernels.metadata import PagedMetadata
+
+if TYPE_CHECKING:
+    from pagedlab.models.presets import ModelSpec
 
 CHUNK_BYTES = {"cpu": 16 << 20, "cuda": 1 << 30}  # gathered K+V per decode chunk
 PREFILL_SCORE_BYTES = 256 << 20  # CUDA: fp32 scores [H, q_chunk, ctx] of one masked prefill call, at most
@@ -206,3 +212,38 @@ def attention(
             )
             out[r0 + a : r0 + b] = o[0].transpose(0, 1)
     return out
+
+
+class TorchGatherKernel:
+    """``kernel=torch_gather`` (see the module docstring): runs wherever PyTorch does, in any dtype. No
+    options. Its `write_kv` and `attention` are this module's functions, bound on the instance (the
+    per-layer call costs what a module function's does: no wrapper, no descriptor)."""
+
+    name = "torch_gather"
+    write_kv = staticmethod(write_kv)
+    attention = staticmethod(attention)
+
+    def __init__(self) -> None:
+        self.write_kv, self.attention = write_kv, attention
+
+    @staticmethod
+    def workspace_bytes(spec: ModelSpec, max_num_seqs: int, max_model_len: int) -> int:
+        """On CUDA, at most: the gather workspace (decode chunks up to CHUNK_BYTES, or one whole
+        max_model_len sequence for a prefill over a cached prefix; it only grows), the K/V of such a
+        prefill with its heads repeated, and one masked prefill call's scores and mask."""
+        b, ctx = spec.dtype_bytes, max_model_len
+        token_kv = 2 * spec.num_kv_heads * spec.head_dim * b  # one layer
+        workspace = max(min(CHUNK_BYTES["cuda"], max_num_seqs * ctx * token_kv), ctx * token_kv)
+        repeated = 2 * ctx * spec.num_heads * spec.head_dim * b
+        return workspace + repeated + 2 * PREFILL_SCORE_BYTES
+
+    @staticmethod
+    def device_warning(device: torch.device) -> str | None:
+        return None
+
+    @staticmethod
+    def problem(device: torch.device, dtype: torch.dtype | None = None, spec: ModelSpec | None = None) -> str | None:
+        return None
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"

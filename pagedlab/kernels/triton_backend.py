@@ -1,4 +1,5 @@
-"""`kernel=triton`: launches the kernels of `triton_kernels` (imported lazily, see below).
+"""`kernel=triton` (:class:`TritonKernel`): launches the kernels of `triton_kernels` (imported lazily,
+see below).
 
 On a non-CUDA device the kernels run under Triton's interpreter with no setup by the user:
 `TRITON_INTERPRET=1` is set before the @triton.jit module is imported (Triton reads it when the
@@ -12,12 +13,18 @@ import contextlib
 import importlib.util
 import math
 import os
+from functools import partial
 from pathlib import Path
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 import torch
 
+from pagedlab.errors import BadArgument
 from pagedlab.kernels.metadata import PagedMetadata
+
+if TYPE_CHECKING:
+    from pagedlab.models.presets import ModelSpec
 
 BLOCK_N = 64  # keys per decode tile
 BLOCK_M = BLOCK_N_PREFILL = 32  # queries x keys per prefill tile
@@ -131,7 +138,6 @@ def block_n_for(rows: int, dim: int, dtype: torch.dtype, limit: int | None, defa
     return block_n
 
 
-
 def shared_memory_problem(heads: int, kv_heads: int, dim: int, dtype: torch.dtype, limit: int | None) -> str | None:
     """Why the decode or prefill kernel cannot fit ``limit`` bytes of shared memory for this model
     (the preflight asks before any work), or None."""
@@ -141,6 +147,7 @@ def shared_memory_problem(heads: int, kv_heads: int, dim: int, dtype: torch.dtyp
     except ValueError as exc:
         return str(exc)
     return None
+
 
 def _on_device(device: torch.device):
     """Launch on `device`: Triton launches on the current CUDA device (and its current stream), so
@@ -272,3 +279,60 @@ def _attention(query, key, value, kv, meta, scale, sliding_window, num_splits) -
             BLOCK_M=BLOCK_M, BLOCK_N=block_n, **common,
         )
     return out
+
+
+CPU_WARNING = ("pagedlab: kernel=triton on the CPU runs Triton's interpreter (TRITON_INTERPRET=1): "
+               "a few tokens per second, for tests and small fp32 shapes only; use kernel=torch_gather "
+               "on the CPU, or a CUDA device.")
+
+
+class TritonKernel:
+    """``kernel=triton``: reads the block table in the kernel (no gather). Option ``num_splits``: context
+    splits per decode sequence (null: enough programs for about four waves of the GPU's SMs; 1: none).
+
+    Its `write_kv` and `attention` are this module's functions (``num_splits`` bound when set), bound on
+    the instance, so the per-layer call goes through no wrapper."""
+
+    name = "triton"
+    write_kv = staticmethod(write_kv)
+    attention = staticmethod(attention)
+
+    def __init__(self, num_splits: int | None = None) -> None:
+        if num_splits is not None and (isinstance(num_splits, bool) or not isinstance(num_splits, int)
+                                       or num_splits < 1):
+            raise BadArgument("num_splits", num_splits, "an integer >= 1, or null (chosen per step)")
+        self.num_splits = num_splits
+        self.write_kv = write_kv
+        self.attention = attention if num_splits is None else partial(attention, num_splits=num_splits)
+
+    def workspace_bytes(self, spec: ModelSpec, max_num_seqs: int, max_model_len: int) -> int:
+        """The split-decode buffers at most: m, l and acc in fp32 for every sequence, head and split."""
+        splits = self.num_splits or -(-max_model_len // MIN_SPLIT_TOKENS)
+        return max_num_seqs * spec.num_heads * splits * (spec.head_dim + 2) * 4
+
+    @staticmethod
+    def device_warning(device: torch.device) -> str | None:
+        """Off CUDA it runs Triton's interpreter: slow."""
+        return CPU_WARNING if device.type != "cuda" else None
+
+    @staticmethod
+    def problem(device: torch.device, dtype: torch.dtype | None = None, spec: ModelSpec | None = None) -> str | None:
+        """No `triton` package; bfloat16 off CUDA (the interpreter has none); on CUDA, tiles that do not
+        fit the device's shared memory for `spec`'s head dim and GQA group in `dtype`."""
+        if importlib.util.find_spec("triton") is None:
+            return "the `triton` package is not installed; expected kernel=torch_gather (or `pip install triton`)"
+        if dtype is None:
+            return None
+        if device.type != "cuda":
+            if dtype == torch.bfloat16:
+                return ("Triton's interpreter has no bfloat16; expected model.dtype=float32 or float16, "
+                        "kernel=torch_gather, or a CUDA device")
+            return None
+        if spec is None:
+            return None
+        why = shared_memory_problem(spec.num_heads, spec.num_kv_heads, spec.head_dim, dtype,
+                                    shared_memory_limit(device))
+        return why.removeprefix("kernel=triton: ") if why else None
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(num_splits={self.num_splits})"

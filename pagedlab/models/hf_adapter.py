@@ -27,19 +27,17 @@ from __future__ import annotations
 
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from types import ModuleType
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface, AutoModelForCausalLM, PreTrainedModel
 
-from pagedlab.kernels import KVCache, PagedMetadata
+from pagedlab.kernels import AttentionKernel, KVCache, PagedMetadata
+from pagedlab.models.dtypes import resolve_dtype
 from pagedlab.models.presets import FORWARDS
 
 ATTN_NAME = "pagedlab"
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,  # and the
-          "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # short names the config allows
 COMPACT_TYPES = ("llama", "qwen2", "mistral")  # pre-norm, RoPE, GQA, SwiGLU: one compact forward
 
 
@@ -47,7 +45,7 @@ COMPACT_TYPES = ("llama", "qwen2", "mistral")  # pre-norm, RoPE, GQA, SwiGLU: on
 class _Step:
     kv: KVCache
     meta: PagedMetadata
-    kernel: ModuleType | None
+    kernel: AttentionKernel | None
     masks_seen: int = 0  # HF masks handed to us (should stay 0: we build causality ourselves)
     calls: list[dict[str, Any]] = field(default_factory=list)  # filled when kernel is None (a probe)
 
@@ -85,15 +83,6 @@ def paged_attention_forward(
 def register() -> None:
     """Register the "pagedlab" attention function with transformers (idempotent)."""
     AttentionInterface.register(ATTN_NAME, paged_attention_forward)
-
-
-def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype | str:
-    """"auto" stays "auto" (the checkpoint's dtype); names map to torch dtypes."""
-    if isinstance(dtype, torch.dtype) or dtype == "auto":
-        return dtype
-    if dtype not in DTYPES:
-        raise ValueError(f"model.dtype={dtype!r} is not one of {['auto', *DTYPES]}")
-    return DTYPES[dtype]
 
 
 class HFModel:
@@ -152,7 +141,7 @@ class HFModel:
         positions: torch.Tensor,
         kv: KVCache,
         meta: PagedMetadata,
-        kernel: ModuleType,
+        kernel: AttentionKernel,
     ) -> torch.Tensor:
         """Run the flattened batch ([T] ids and positions); returns [num_seqs, vocab] fp32 logits."""
         if self.compact is not None:
@@ -242,7 +231,7 @@ class CompactForward:
         return cos, torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, kv: KVCache, meta: PagedMetadata,
-                 kernel: ModuleType) -> torch.Tensor:
+                 kernel: AttentionKernel) -> torch.Tensor:
         """[T] ids -> [T, hidden] final hidden states."""
         x = self.embed(input_ids)
         t, hidden = x.shape
