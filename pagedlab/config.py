@@ -189,7 +189,7 @@ RULES: dict[str, Rule] = {
     "model.name": _one_of(*MODELS),
     "model.dtype": _one_of(*DTYPES),
     "model.forward": _one_of(*FORWARDS),
-    "workload.num_requests": _int_range(1),
+    "workload.num_requests": _int_range(1, optional=True),  # null: a trace's every row (synthetic ones refuse it)
     "workload.request_rate": _positive(optional=True),
     "workload.prompt_len": (_length_range, "[lo, hi] with 1 <= lo <= hi"),
     "workload.output_len": (_length_range, "[lo, hi] with 1 <= lo <= hi"),

@@ -19,7 +19,7 @@ import torch
 from test_engine import make_cfg
 from transformers import AutoModelForCausalLM
 
-from pagedlab.engine.scheduler import VICTIMS
+from pagedlab.engine.preemption import VICTIMS
 from pagedlab.experiment import build_requests, run_experiment
 from pagedlab.models.tiny import save_tiny_model
 

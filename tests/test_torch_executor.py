@@ -179,13 +179,12 @@ def test_torch_backend_builds_the_configured_kernel(model_dirs):
     from omegaconf import OmegaConf
 
     from pagedlab.config import ConfigError
-    from pagedlab.executors.torch_executor import TorchBackend, load_for_engine
+    from pagedlab.executors.torch_executor import TorchBackend
 
     base = {"device": "cpu", "model": {"name": "hf", "name_or_path": str(model_dirs["llama"]), "dtype": "float32"}}
     backend = TorchBackend(OmegaConf.create({**base, "kernel": {**TRITON, "num_splits": 3}}))
     assert backend.kernel.name == "triton" and backend.kernel.num_splits == 3
     assert backend.make_executor(8, 4, 0).kernel is backend.kernel
-    assert load_for_engine is TorchBackend  # the name pagedlab.experiment still calls
     with pytest.raises(ConfigError, match=r"kernel\.num_splits=0 is not allowed: expected an integer >= 1"):
         TorchBackend(OmegaConf.create({**base, "kernel": {**TRITON, "num_splits": 0}}))
     with pytest.raises(ValueError, match="Triton's interpreter has no bfloat16"):

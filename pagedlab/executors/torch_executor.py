@@ -271,5 +271,3 @@ class TorchBackend:
 
         return LogitsSampler(seed)
 
-
-load_for_engine = TorchBackend  # transitional: pagedlab.experiment.build still calls this name

@@ -274,17 +274,22 @@ def _row_sampling(values: dict[str, Any], defaults: SamplingParams, where: str, 
 
 
 class TraceWorkload:
-    """``workload=trace``: the requests of a JSONL/JSON/CSV file (``path``), every row checked; ``seed``
+    """``workload=trace``: the requests of a JSONL/JSON/CSV file (``path``), every row checked (the first
+    ``num_requests`` rows only, when set; null: all); ``seed``
     (None: the run's) draws prompt tokens for ``prompt_len`` rows; ``n`` / ``beam_width`` (None: the
     sampling group's) are the defaults of rows that do not set them."""
 
-    def __init__(self, path: str | None = None, seed: int | None = None, n: int | None = None,
-                 beam_width: int | None = None) -> None:
+    def __init__(self, path: str | None = None, num_requests: int | None = None, seed: int | None = None,
+                 n: int | None = None, beam_width: int | None = None) -> None:
         if not path:
             raise BadArgument("path", path, "a .jsonl, .json or .csv file (workload.path=FILE)")
-        self.path, self.seed, self.n, self.beam_width = str(path), seed, n, beam_width
+        if num_requests is not None and (isinstance(num_requests, bool) or not isinstance(num_requests, int)
+                                         or num_requests < 1):
+            raise BadArgument("num_requests", num_requests, "an integer >= 1, or null for every row")
+        self.path, self.num_requests, self.seed, self.n, self.beam_width = str(path), num_requests, seed, n, beam_width
 
     def requests(self, *, vocab_size: int, max_model_len: int, defaults: SamplingParams, seed: int) -> list[Request]:
-        return trace_requests(self.path, seed=seed if self.seed is None else self.seed, vocab_size=vocab_size,
-                              defaults=defaults.updated(n=self.n, beam_width=self.beam_width),
-                              max_model_len=max_model_len)
+        requests = trace_requests(self.path, seed=seed if self.seed is None else self.seed, vocab_size=vocab_size,
+                                  defaults=defaults.updated(n=self.n, beam_width=self.beam_width),
+                                  max_model_len=max_model_len)
+        return requests if self.num_requests is None else requests[: self.num_requests]
