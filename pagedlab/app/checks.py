@@ -169,7 +169,7 @@ def _kernel_problems(cfg: DictConfig, spec: Any, device: str | None, errors: lis
         errors.extend(exc.problems)
         return
     label = f"kernel={cfg.kernel.get('name') or kernel.name}"
-    if cfg.executor.name == "sim":
+    if simulated(cfg):
         if not isinstance(kernel, TorchGatherKernel):
             errors.append(f"{label} is not allowed with executor=sim: the simulator runs no attention kernel; "
                           "expected executor=torch, or kernel=torch_gather")

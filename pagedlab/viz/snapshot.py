@@ -167,7 +167,7 @@ def take_snapshot(engine: Any, row: Mapping[str, Any] | None = None, sched_out: 
     states = [USED] * nb
     for b in available:
         states[b] = CACHED if bm.block_hash(b) is not None else FREE
-    if getattr(bm, "allocator", "paged") == "paged":
+    if not getattr(bm, "contiguous_kv", False):  # paged: ask the pool
         ref = [bm.ref_count(b) for b in range(nb)]
     else:  # contiguous: nothing is shared; count table entries (ref_count scans every table per block)
         ref = [0] * nb
