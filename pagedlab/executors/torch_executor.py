@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 import warnings
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -18,7 +18,7 @@ from pagedlab.cfg_access import cfg_get
 from pagedlab.executors.base import ModelInput, StepInput, StepOutput
 from pagedlab.kernels import AttentionKernel, KVCache, build_metadata
 from pagedlab.kernels.torch_gather import TorchGatherKernel
-from pagedlab.models.hf_adapter import HFModel, resolve_dtype
+from pagedlab.models.dtypes import resolve_dtype
 from pagedlab.models.presets import (
     GIB,
     ModelSpec,
@@ -26,6 +26,9 @@ from pagedlab.models.presets import (
     num_blocks_in_budget,
     spec_from_hf_config,
 )
+
+if TYPE_CHECKING:  # transformers loads only when a model does (the preflight imports this module)
+    from pagedlab.models.hf_adapter import HFModel
 
 CPU_BUDGET_BYTES = 1 << 28  # 0.25 GiB of KV when running on the CPU with no budget given
 
@@ -111,6 +114,8 @@ def load_model(name_or_path: str | None, dtype: str | torch.dtype, device: torch
                forward: str = "auto") -> HFModel:
     """A tiny seeded model for None / "tiny_llama" / "tiny_qwen2" / "tiny_mistral", else `from_pretrained`.
     `forward`: auto / compact / hf (see `pagedlab.models.hf_adapter`)."""
+    from pagedlab.models.hf_adapter import HFModel
+
     if name_or_path is None or name_or_path in ("tiny_llama", "tiny_qwen2", "tiny_mistral"):
         from pagedlab.models.tiny import build_tiny_model
 
@@ -153,6 +158,8 @@ class TorchExecutor:
         self.kernel = kernel = kernel if kernel is not None else TorchGatherKernel()
         warn_kernel(kernel, self.device)
         free_before = torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" else 0
+        from pagedlab.models.hf_adapter import HFModel
+
         if model is None:
             model = load_model(name_or_path, dtype, self.device, seed, forward)
         self.model = model if isinstance(model, HFModel) else HFModel(model.to(self.device), forward)
