@@ -115,7 +115,8 @@ def test_bad_config_exits_nonzero_before_any_work(tmp_path: Path, args: list[str
 
 def test_help_lists_groups_without_schema_entries(tmp_path: Path) -> None:
     out = ok(pagedlab(tmp_path, "--help")).stdout
-    assert "allocator: contiguous_max, contiguous_oracle, contiguous_pow2, paged" in out
+    assert ("allocator: contiguous_max, contiguous_oracle, contiguous_pow2, orca_max, orca_oracle, "
+            "orca_pow2, paged") in out
     assert "experiment: " in out and "_schema" not in out
 
 

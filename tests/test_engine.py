@@ -43,7 +43,10 @@ def finished_lengths(result):
     return dict(zip(zip(df.request_id, df.seq_index), df.output_len))
 
 
-ALLOCATORS = ["paged", "contiguous_max", "contiguous_pow2", "contiguous_oracle"]
+ALLOCATORS = ["paged", "contiguous_max", "contiguous_pow2", "contiguous_oracle", "orca_max", "orca_pow2",
+              "orca_oracle"]
+POOL_SHARES = ["pool_token_share", "pool_reserved_share", "pool_internal_frag_share",
+               "pool_external_frag_share", "pool_free_share"]
 
 
 @pytest.mark.parametrize("allocator", ALLOCATORS)
@@ -147,6 +150,57 @@ def test_memory_accounting_splits_waste_exactly():
         "external_frag_share"]
     assert parts == pytest.approx(1.0)
     assert 1 - total["memory_waste"] == pytest.approx(total["token_states_share"])
+    assert sum(total[k] for k in POOL_SHARES) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("allocator", ["orca_max", "orca_pow2", "orca_oracle"])
+def test_orca_runs_end_with_counts_adding_up(allocator):
+    """Buddy placement under memory pressure (45 blocks = 32 + 8 + 4 + 1), with beam forks: every request
+    ends, the invariants hold after every step, and nothing leaks."""
+    cfg = {"allocator.name": allocator, "kv_cache.num_blocks": 45, "max_model_len": 128, "block_size": 8,
+           "workload.num_requests": 12, "workload.prompt_len": [4, 40], "workload.output_len": [4, 40],
+           "workload.beam_width": 2, "workload.request_rate": 20.0}
+    built = build(make_cfg(**cfg))
+    assert built.engine.bm.allocator == allocator and built.engine.bm._runs.buddy
+    result = built.engine.run(built.requests, on_step=lambda row: built.engine.bm.check_invariants())
+    s = result.summary
+    assert s["num_finished"] + s["num_rejected"] == s["num_requests"] == 12 and s["num_finished"] > 0
+    assert s["fork_copies"] > 0 and s["pool_free_share"] < 0.5  # forks copied; the pool was under pressure
+    stats = built.engine.bm.stats()
+    assert stats.used_blocks == 0 and stats.swapped_blocks == 0
+    assert sum(s[k] for k in POOL_SHARES) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("allocator", ["paged", "contiguous_oracle", "orca_pow2"])
+def test_pool_shares_split_the_whole_pool(allocator):
+    result = run(**{"allocator.name": allocator, "kv_cache.num_blocks": 30, "max_model_len": 128})
+    s, steps = result.summary, result.steps
+    assert sum(s[k] for k in POOL_SHARES) == pytest.approx(1.0)
+    assert all(0 <= s[k] <= 1 for k in POOL_SHARES)
+    from pagedlab.engine.recorder import pool_split
+
+    capacity = 30 * 16
+    parts = pool_split(steps, capacity)
+    assert (parts.sum(axis=1) == capacity).all() and (parts >= 0).all().all()
+    loaded = steps[(steps.num_decode_seqs > 0) & (steps.num_waiting + steps.num_swapped > 0)]
+    assert len(loaded) and s["pool_token_share"] == pytest.approx((loaded.token_slots / capacity).mean())
+    if allocator == "paged":
+        assert s["pool_external_frag_share"] == 0
+    ample = run(**{"allocator.name": allocator, "max_model_len": 128})  # nothing waits: all decode steps
+    decode, cap = ample.steps[ample.steps.num_decode_seqs > 0], ample.summary["num_blocks"] * 16
+    assert (decode.num_waiting + decode.num_swapped == 0).all()
+    assert ample.summary["pool_token_share"] == pytest.approx((decode.token_slots / cap).mean())
+    assert ample.summary["pool_free_share"] > 0.9
+
+
+def test_figure2_token_shares_ordered_as_in_the_paper():
+    """The paper's Figure 2 setting (OPT-13B, one A100-40GB, 12 GiB of KV cache, ShareGPT): the share of
+    the pool holding token states orders Orca Max < Pow2 < Oracle < paged (values: docs/metrics.md)."""
+    cfg = {"workload.name": "sharegpt_like", "workload.num_requests": 300, "model.name": "opt_13b",
+           "kv_cache.budget_gib": 12, "kv_cache.swap_gib": 0}
+    share = {a: run(**cfg, **{"allocator.name": a}).summary["pool_token_share"]
+             for a in ["orca_max", "orca_pow2", "orca_oracle", "paged"]}
+    assert share["orca_max"] < share["orca_pow2"] < share["orca_oracle"] < share["paged"], share
 
 
 def test_poisson_arrivals_and_latency_metrics():

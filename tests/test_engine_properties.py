@@ -20,6 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from omegaconf import OmegaConf
 
+from pagedlab.engine.metrics import POOL_SHARES
 from pagedlab.engine.preemption import VICTIMS
 from pagedlab.engine.request import SamplingParams
 from pagedlab.experiment import build
@@ -32,7 +33,8 @@ def configs(draw: Any) -> dict[str, Any]:
     """A valid configuration; choices come from a Hypothesis-seeded RNG, so they are uniform
     (Hypothesis alone favours edge values, which here means rejected requests, not pressure)."""
     rnd = draw(st.randoms(use_true_random=True))
-    allocator = rnd.choice(["paged", "paged", "contiguous_max", "contiguous_pow2", "contiguous_oracle"])
+    allocator = rnd.choice(["paged", "paged", "contiguous_max", "contiguous_pow2", "contiguous_oracle",
+                            "orca_max", "orca_pow2", "orca_oracle"])
     mode = rnd.choice(["greedy", "parallel", "beam"])
     width = rnd.randint(2, 6) if mode != "greedy" else 1
     block_size = rnd.choice([1, 2, 3, 4, 8, 16, 32, 64])
@@ -41,9 +43,12 @@ def configs(draw: Any) -> dict[str, Any]:
     prompt_hi, output_hi = rnd.randint(1, 48), rnd.randint(1, 48)
     final = shared_prefix + prompt_hi + output_hi
     max_model_len = final + rnd.randint(0, 16)
-    reserve = {"paged": final, "contiguous_oracle": final, "contiguous_max": max_model_len,
-               "contiguous_pow2": 1 << (final - 1).bit_length()}[allocator]
-    one_request = width * -(-reserve // block_size)
+    pow2 = min(max_model_len, shared_prefix + prompt_hi + (1 << (output_hi - 1).bit_length()))
+    reserve = {"paged": final, "oracle": final, "max": max_model_len, "pow2": pow2}[allocator.split("_")[-1]]
+    blocks = -(-reserve // block_size)
+    if allocator.startswith("orca_"):  # a buddy block of the next power of two
+        blocks = 1 << (blocks - 1).bit_length()
+    one_request = width * blocks
     # a cache from under one request's worst case (sharing may still fit it; else it is rejected)
     # to half of everything at once: memory pressure, preemption and swapping in most draws
     num_blocks = max(1, int(one_request * (0.8 + rnd.random() ** 2 * num_requests / 2)))
@@ -168,6 +173,8 @@ def test_every_simulated_run_ends_adds_up_and_mixes_nothing(raw: dict[str, Any])
     assert not engine.scheduler.has_unfinished()
     assert engine.bm.seq_ids() == [], "sequences left holding KV after the run"
     assert engine.recorder.open_tails == 0, "tails of freed sequences left open"
+    if s["num_steps"]:
+        assert sum(s[k] for k in POOL_SHARES) == pytest.approx(1.0), {k: s[k] for k in POOL_SHARES}
     df = result.requests
     for rid, rows in df.groupby("request_id"):
         status = set(rows["status"])

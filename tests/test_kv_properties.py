@@ -36,6 +36,13 @@ CONFIGS = [
     ("contiguous_pow2", False, False, "lifo", 4, 16, 1),
     ("contiguous_oracle", True, False, "lifo", 2, 24, 0),
     ("contiguous_oracle", False, False, "fifo", 4, 12, 0),
+    # buddy placement (the paper's Orca); pools that are not a power of two
+    ("orca_max", True, False, "lifo", 4, 20, 0),
+    ("orca_max", False, False, "lifo", 8, 13, 1),
+    ("orca_pow2", True, False, "lifo", 2, 30, 0),
+    ("orca_pow2", False, False, "fifo", 4, 16, 1),
+    ("orca_oracle", True, False, "lifo", 2, 24, 0),
+    ("orca_oracle", False, False, "lifo", 2, 11, 0),
 ]
 
 

@@ -9,7 +9,8 @@ import pytest
 
 from pagedlab.kv import AllocStatus, BlockManager, KVCacheError
 
-CONTIGUOUS = ["contiguous_max", "contiguous_pow2", "contiguous_oracle"]
+CONTIGUOUS = ["contiguous_max", "contiguous_pow2", "contiguous_oracle",  # first fit, exact size
+              "orca_max", "orca_pow2", "orca_oracle"]  # buddy placement (the paper's Orca)
 
 
 def bm(num_blocks=16, block_size=4, **kw) -> BlockManager:
@@ -76,11 +77,16 @@ def test_fresh_pool_hands_out_low_ids_in_both_orders():
     "allocator, final_len, blocks",
     [
         ("contiguous_max", 5, 16),  # max_model_len 64 / block 4
-        ("contiguous_pow2", 5, 2),  # pow2(5) = 8 slots
-        ("contiguous_pow2", 9, 4),  # 16 slots
-        ("contiguous_pow2", 40, 16),  # 64 slots (== max_model_len cap)
+        ("contiguous_pow2", 5, 2),  # prompt 3 + pow2(output 2) = 5 slots
+        ("contiguous_pow2", 9, 3),  # 3 + pow2(6) = 11 slots
+        ("contiguous_pow2", 40, 16),  # 3 + pow2(37) = 67 slots, capped at max_model_len 64
         ("contiguous_oracle", 5, 2),
         ("contiguous_oracle", 9, 3),
+        ("orca_max", 5, 16),  # 64 slots = 16 blocks, a power of two already
+        ("orca_pow2", 9, 4),  # 11 slots = 3 blocks -> buddy block of 4
+        ("orca_pow2", 20, 16),  # 3 + pow2(17) = 35 slots = 9 blocks -> 16
+        ("orca_oracle", 5, 2),  # 5 slots = 2 blocks
+        ("orca_oracle", 9, 4),  # 9 slots = 3 blocks -> 4: the rounding is internal fragmentation
     ],
 )
 def test_contiguous_reservation_sizes(allocator, final_len, blocks):
@@ -99,8 +105,10 @@ def test_contiguous_reservation_sizes(allocator, final_len, blocks):
 
 def test_pow2_capped_by_max_model_len():
     m = bm(num_blocks=32, allocator="contiguous_pow2", max_model_len=40)
-    m.allocate(1, toks(3), 33)  # pow2 64 capped to 40 slots = 10 blocks
+    m.allocate(1, toks(3), 36)  # 3 + pow2(33) = 67 capped to 40 slots = 10 blocks
     assert m.stats().used_blocks == 10
+    m.allocate(2, toks(3), 35)  # 3 + pow2(32) = 35 slots = 9 blocks
+    assert m.stats().used_blocks == 19
 
 
 def test_contiguous_first_fit_and_external_fragmentation():
@@ -162,6 +170,140 @@ def test_contiguous_can_allocate_counts_forks():
     m = bm(num_blocks=5, allocator="contiguous_oracle")
     assert m.can_allocate(toks(4), 8, num_seqs=2) is AllocStatus.OK
     assert m.can_allocate(toks(4), 8, num_seqs=3) is AllocStatus.NEVER
+
+
+# ---------------------------------------------------------------- buddy placement (the paper's Orca)
+def test_buddy_runs_split_and_coalesce_over_a_pool_that_is_not_a_power_of_two():
+    from pagedlab.kv.allocators import BuddyRuns
+
+    b = BuddyRuns(11)  # 8 + 2 + 1: maximal aligned buddies
+    assert b.runs() == [(0, 8), (8, 2), (10, 1)] and b.largest() == 8
+    assert b.allocate(1) == 10  # an exact order-0 block exists: no split
+    assert b.allocate(3) == 0  # 4 blocks split from the 8: 4-7 stays free
+    assert b.runs() == [(4, 4), (8, 2)] and b.free_blocks == 6
+    assert b.allocate(1) == 8  # the smallest larger block (2) is split, not the 4
+    assert b.runs() == [(4, 4), (9, 1)]
+    assert b.fits([4]) and not b.fits([4, 2]) and b.fits([2, 1, 1])
+    assert b.allocate(8) is None
+    b.free(0, 4)  # merges with 4-7 into the 8
+    assert b.runs() == [(0, 8), (9, 1)]
+    b.free(8, 1)  # 8 and 9 merge into 8-9; 8-11 would leave the pool, so it stops there
+    assert b.runs() == [(0, 8), (8, 2)]
+    b.free(10, 1)
+    assert b.runs() == [(0, 8), (8, 2), (10, 1)] and b.free_blocks == 11
+
+
+def test_buddy_reservations_are_aligned_powers_of_two_and_free_coalesces():
+    m = bm(num_blocks=20, allocator="orca_oracle")  # 16 + 4
+    m.allocate(1, toks(4), 12)  # 3 blocks -> 4: the exact-size free buddy at 16
+    m.allocate(2, toks(4), 8)  # 2 blocks: split from the 16 -> 0-1, free 2-3, 4-7, 8-15
+    m.allocate(3, toks(4), 20)  # 5 blocks -> 8: the free 8-15
+    assert [m.reservation(s) for s in (1, 2, 3)] == [(16, 4), (0, 2), (8, 8)]
+    assert m.free_runs() == [(2, 2), (4, 4)]
+    assert m.stats().used_blocks == 14 and m.stats().logical_blocks == 14
+    m.check_invariants()
+    for sid in (2, 3, 1):
+        m.free(sid)
+        m.check_invariants()
+    assert m.free_runs() == [(0, 16), (16, 4)]
+
+
+def test_buddy_rounding_is_internal_fragmentation():
+    m = bm(num_blocks=32, allocator="orca_oracle")
+    m.allocate(1, toks(10), 20)  # 20 slots = 5 blocks -> a buddy block of 8 blocks = 32 slots
+    assert m.unfilled_tails() == [(1, 10, 32)]
+    wb = m.waste_breakdown({1: 20})
+    assert (wb.token_slots, wb.reserved, wb.internal_frag, wb.allocated) == (10, 10, 12, 32)
+
+
+def test_buddy_external_fragmentation_and_never():
+    m = bm(num_blocks=16, allocator="orca_oracle")
+    for sid in range(4):
+        m.allocate(sid, toks(16), 16)  # 4 blocks each: 0, 4, 8, 12
+    m.free(0)
+    m.free(2)  # 8 blocks free, but as two 4s that are not buddies
+    assert m.stats().free_blocks == 8 and m.stats().largest_free_run == 4
+    assert m.can_allocate(toks(20), 20) is AllocStatus.LATER  # 5 blocks -> 8: no free block of 8
+    assert m.take_external_frag() == 8 * 4
+    with pytest.raises(KVCacheError, match="contiguous run of 8 blocks"):
+        m.allocate(9, toks(20), 20)
+    m.check_invariants()
+    m2 = bm(num_blocks=12, allocator="orca_oracle")  # 8 + 4: one block of 8 fits, never two
+    assert m2.can_allocate(toks(20), 20) is AllocStatus.OK
+    assert m2.can_allocate(toks(20), 20, num_seqs=2) is AllocStatus.NEVER
+    assert m2.can_allocate(toks(40), 40) is AllocStatus.NEVER  # 10 blocks -> 16 > 12
+    _assert_error(m2, lambda: m2.allocate(1, toks(40), 40), "16 blocks", "num_blocks=12")
+
+
+def test_buddy_growth_doubles_into_a_free_buddy_or_blocks():
+    m = bm(num_blocks=8, allocator="orca_oracle")
+    m.allocate(1, toks(4), 4)  # block 0 (order 0)
+    m.allocate(2, toks(4), 4)  # block 1: seq 1's buddy is taken
+    assert not m.can_append([1]) and m.take_external_frag() == 6 * 4
+    m.free(2)
+    m.append_slots([1], [5])  # outgrows its block: doubles into its free buddy 1
+    assert m.reservation(1) == (0, 2) and m.block_table(1) == [0, 1]
+    m.check_invariants()
+    for t in range(3):
+        m.append_slots([1], [t])
+    m.append_slots([1], [0])  # full again: doubles into 2-3
+    assert m.reservation(1) == (0, 4) and m.stats().used_blocks == 4
+    m.allocate(3, toks(4), 4)  # block 4
+    m.free(1)
+    m.allocate(4, toks(4), 4)  # block 5: seq 3 (block 4) is a lower half whose buddy is taken
+    assert not m.can_append([3])
+    m.free(3)  # block 4 is free now, but seq 4's block 5 is an upper half: its parent starts below it
+    assert not m.can_append([4]) and m.reservation(4) == (5, 1)
+    m.check_invariants()
+
+
+def test_buddy_fork_and_swap_in_take_fresh_buddy_blocks():
+    m = bm(num_blocks=24, allocator="orca_pow2", num_swap_blocks=8)  # 16 + 8
+    m.allocate(1, toks(5), 9)  # 5 + pow2(4) = 9 slots = 3 blocks -> 4
+    assert m.reservation(1) == (16, 4)
+    copies = m.fork(1, 2)
+    assert m.reservation(2) == (20, 4) and copies == [(16, 20), (17, 21)]
+    m.swap_out([1])
+    m.allocate(3, toks(4), 8)  # 4 + pow2(4) = 8 slots = 2 blocks, split from the free 16-19
+    assert m.reservation(3) == (16, 2)
+    back = m.swap_in([1])
+    assert m.reservation(1) == (0, 4) and [d for _, d in back] == [0, 1]
+    m.check_invariants()
+
+
+def test_buddy_free_blocks_in_eviction_order():
+    m = bm(num_blocks=11, block_size=1, allocator="orca_oracle")  # free buddies 0-7, 8-9, 10
+    order = m.free_blocks_in_eviction_order()
+    assert order == [10, 8, 9, *range(8)]
+    for sid, b in enumerate(order):
+        m.allocate(sid, [1], 1)
+        assert m.reservation(sid) == (b, 1)  # the order one-block reservations really take them in
+    m.check_invariants()
+
+
+def test_buddy_is_a_placement_argument():
+    from pagedlab.kv import ContiguousBlockManager
+
+    m = ContiguousBlockManager(12, 4, reserve="oracle", place="buddy")
+    assert m.allocator == "orca_oracle" and m.contiguous_kv
+    m.allocate(1, toks(4), 12)
+    assert m.reservation(1) == (8, 4)
+    assert ContiguousBlockManager(12, 4, reserve="oracle").allocator == "contiguous_oracle"
+    assert ContiguousBlockManager(12, 4, allocator="orca_pow2", max_model_len=64)._runs.buddy
+    with pytest.raises(KVCacheError, match="first_fit, best_fit, buddy"):
+        ContiguousBlockManager(12, 4, reserve="oracle", place="buddies")
+
+
+def test_reservation_rules_are_the_papers():
+    from pagedlab.kv.allocators import reserve_max, reserve_oracle, reserve_pow2, reserve_pow2_total
+
+    assert reserve_max(500, 2048, prompt_len=161) == 2048  # Max: the model's maximum length
+    assert reserve_pow2(186, 2048, prompt_len=161) == 161 + 32  # Pow2: output 25 -> 32 positions
+    assert reserve_pow2(161 + 338, 2048, prompt_len=161) == 161 + 512
+    assert reserve_pow2(1900, 2048, prompt_len=900) == 900 + 1024
+    assert reserve_pow2(1700, 2048, prompt_len=1100) == 2048  # 1100 + 1024, capped at the model's limit
+    assert reserve_oracle(499, 2048, prompt_len=161) == 499  # Oracle: the true final length
+    assert reserve_pow2_total(499, 2048) == 512 == reserve_pow2(499, 2048)  # without a prompt length
 
 
 # ---------------------------------------------------------------- copy-on-write
@@ -466,10 +608,11 @@ def test_constructor_errors(kwargs, match):
 
 @pytest.mark.parametrize("allocator", ["paged", *CONTIGUOUS])
 def test_sequence_longer_than_cache(allocator):
-    m = bm(num_blocks=4, allocator=allocator, max_model_len=None if allocator != "contiguous_max" else 16)
+    is_max = allocator.endswith("_max")
+    m = bm(num_blocks=4, allocator=allocator, max_model_len=16 if is_max else None)
     m.allocate(1, toks(2), 4)
     assert m.can_allocate(toks(17), 17) is AllocStatus.NEVER
-    limit = "max_model_len=16" if allocator == "contiguous_max" else "num_blocks=4"
+    limit = "max_model_len=16" if is_max else "num_blocks=4"
     _assert_error(m, lambda: m.allocate(2, toks(17), 17), "17", limit)
 
 

@@ -90,7 +90,7 @@ class Engine:
         """The run's tables and summary; checks that every request ended exactly once."""
         steps = self.recorder.steps_frame()
         requests = self.recorder.requests_frame()
-        summary = summarize(steps, requests, self.executor.time_source)
+        summary = summarize(steps, requests, self.executor.time_source, self.recorder.capacity)
         stats = self.bm.stats()
         summary["prefix_hit_rate"] = stats.prefix_hit_tokens / stats.prefix_query_tokens if (
             stats.prefix_query_tokens) else 0.0

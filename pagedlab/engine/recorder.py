@@ -8,6 +8,11 @@ over decode steps (steps in which at least one sequence decodes). A - T is split
 kept only while the sequence holds its blocks, as runs of steps, and is charged to those steps
 when the blocks are freed and its final length is known. So memory grows with the run only by one
 fixed row per step.
+
+The summary's shares split memory two ways (docs/metrics.md): over A + X, mean over decode steps
+(``token_states_share`` ...), and over the whole pool C, mean over the decode steps in which requests
+waited (queued or swapped), i.e. while memory was the bottleneck (``pool_token_share`` ..., the
+paper's Figure 2: token states, reserved, internal fragmentation, external fragmentation, free).
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pagedlab.engine.metrics import FLOAT_COLUMNS, STEP_COLUMNS
+from pagedlab.engine.metrics import ALLOCATED_SHARES, FLOAT_COLUMNS, POOL_SHARES, STEP_COLUMNS
 from pagedlab.engine.request import GroupStatus, SequenceGroup
 
 
@@ -136,8 +141,21 @@ class Recorder:
         return df
 
 
-def summarize(steps: pd.DataFrame, requests: pd.DataFrame, time_source: str) -> dict[str, Any]:
-    """The run summary: the keys listed in docs/metrics.md."""
+def pool_split(steps: pd.DataFrame, capacity: int) -> pd.DataFrame:
+    """Per step, the whole pool of ``capacity`` slots split into token slots, reserved slots, internal
+    fragmentation, external fragmentation (counted X, at most the free slots) and the remaining free
+    slots; one column per :data:`POOL_SHARES` key, in slots, summing to ``capacity``."""
+    a, t, x = steps["allocated_slots"], steps["token_slots"], steps["external_frag"]
+    free = capacity - a
+    ext = np.minimum(x, free)
+    return pd.DataFrame(dict(zip(POOL_SHARES, (t, steps["reserved_slots"], steps["internal_frag"], ext,
+                                              free - ext))))
+
+
+def summarize(steps: pd.DataFrame, requests: pd.DataFrame, time_source: str,
+              capacity: int | None = None) -> dict[str, Any]:
+    """The run summary: the keys listed in docs/metrics.md. ``capacity``: the pool's slots C (the pool
+    shares are NaN without it)."""
     decode = steps[steps["num_decode_seqs"] > 0]
     if decode.empty:
         decode = steps
@@ -158,13 +176,18 @@ def summarize(steps: pd.DataFrame, requests: pd.DataFrame, time_source: str) -> 
         return float(share.mean()) if len(share) else 0.0
 
     logical = decode["logical_blocks"].sum()
+    if capacity and len(decode):
+        loaded = decode[(decode["num_waiting"] + decode["num_swapped"]) > 0]  # requests waited for room
+        pool = pool_split(loaded if len(loaded) else decode, capacity).mean() / capacity
+        pool_shares = {k: float(pool[k]) for k in POOL_SHARES}
+    else:
+        pool_shares = dict.fromkeys(POOL_SHARES, float("nan") if not capacity else 0.0)
     rejected = requests[requests["status"] == GroupStatus.REJECTED.value] if len(requests) else requests
     return {
         "memory_waste": float(decode["memory_waste"].mean()) if len(decode) else 0.0,
-        "token_states_share": mean_share(decode["token_slots"]),
-        "reserved_share": mean_share(decode["reserved_slots"]),
-        "internal_frag_share": mean_share(decode["internal_frag"]),
-        "external_frag_share": mean_share(decode["external_frag"]),
+        **dict(zip(ALLOCATED_SHARES, (mean_share(decode[c]) for c in (
+            "token_slots", "reserved_slots", "internal_frag", "external_frag")))),
+        **pool_shares,
         "kv_utilization_mean": float(steps["kv_utilization"].mean()) if len(steps) else 0.0,
         "kv_utilization_max": float(steps["kv_utilization"].max()) if len(steps) else 0.0,
         "batch_size_mean": float(steps["batch_size"].mean()) if len(steps) else 0.0,

@@ -11,7 +11,7 @@ composed for them. The parts, one module each:
 * ``sharing``: fork by reference with copy-on-write, a layer over ``paged``.
 * ``prefix_cache``: chained block hashes, registration and hit lookup, a layer over ``paged``.
 * ``contiguous`` + ``allocators``: reservations under a reservation rule (max / pow2 / oracle)
-  and a placement rule (first fit), both arguments.
+  and a placement (first fit or best fit over free runs, or a buddy allocator), both arguments.
 * ``swap``: the host pool and the swapped sequences' host tables.
 * ``accounting``: the counters and ``stats`` / ``waste_breakdown``.
 * ``invariants``: the checker that recomputes everything from the block tables (tests).
@@ -25,7 +25,9 @@ Conventions worth knowing:
   entries. For contiguous allocators that is a prefix of the sequence's reservation; the rest of
   the reservation counts as allocated (A) but is not in the table. A contiguous sequence that
   outgrows its reservation grows in place by one block when the next block is free, otherwise
-  ``can_append`` is False (and the free slots are noted as external fragmentation).
+  ``can_append`` is False (and the free slots are noted as external fragmentation). With buddy
+  placement a reservation is a power-of-two block aligned to its size and grows by doubling into its
+  free buddy.
 * Only the last block of a sequence can be partially filled, and a block is only written while
   its ref count is 1, so a shared block has the same fill for all holders.
 * A shared partially-filled block is attributed, in ``unfilled_tails`` and ``waste_breakdown``, to

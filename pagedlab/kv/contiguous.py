@@ -1,11 +1,19 @@
 """Contiguous allocator (Orca-style): each sequence reserves one run of consecutive blocks.
 
 Two rules are arguments: the reservation rule (how many slots a sequence reserves up front, from
-its final length: ``reserve_max`` / ``reserve_pow2`` / ``reserve_oracle``) and the placement rule
-(which free run the reservation goes into: ``first_fit``). A sequence that outgrows its
-reservation grows in place by one block when the next block is free; otherwise ``can_append`` is
-False and the free slots are noted as external fragmentation. Forks and swap-ins take a fresh
-reservation of the same size and copy the filled blocks. No block is ever shared.
+its final length and its length at admission: ``reserve_max`` / ``reserve_pow2`` / ``reserve_oracle``)
+and the placement (where the reservation goes: ``first_fit`` or ``best_fit`` over the free runs, exact
+size; or ``buddy``, the paper's Orca: a buddy block of the next power-of-two size, aligned to it). With
+``buddy`` the rounding up is part of the reservation: allocated slots that are never filled, so the
+accounting charges them as internal fragmentation (reserved slots are only those below the final
+length). A sequence that outgrows its reservation grows in place when it can: first fit / best fit
+by one block when the next block is free, buddy by doubling when its buddy is one free block (a
+buddy block can only grow into its buddy, or the buddy invariants break); otherwise ``can_append``
+is False and the free slots are noted as external fragmentation. (The built-in reservation rules
+reserve at least the final length the engine passes, so growth only happens under a rule that
+reserves less, or when a caller appends past the final length it gave.)
+Forks and swap-ins take a fresh reservation of the same size and copy the filled blocks. No block
+is ever shared.
 """
 
 from __future__ import annotations
@@ -13,12 +21,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from .allocators import (
+    BUDDY,
     PLACEMENT_RULES,
+    PLACEMENTS,
     RESERVATION_RULES,
+    BuddyRuns,
     FreeRuns,
     PlacementRule,
     ReservationRule,
     reserve_max,
+    takes_prompt_len,
 )
 from .block_manager import BlockManager
 from .errors import KVBadArgument, KVCacheError
@@ -26,20 +38,26 @@ from .invariants import check_contiguous
 from .stats import AllocStatus
 
 
-def _named(arg: str, name: str, table: dict) -> object:
+def _named(arg: str, name: str, table: dict, names: tuple | None = None) -> object:
     if name not in table:
-        raise KVBadArgument(arg, name, "one of " + ", ".join(table) + " (or a callable)")
+        raise KVBadArgument(arg, name, "one of " + ", ".join(names or table) + " (or a callable)")
     return table[name]
 
 
-class ContiguousBlockManager(BlockManager):
-    """Reservations of ``reserve(final_len, max_model_len)`` slots placed by ``place``.
+def _label(place: object, reserve: str) -> str:
+    """The built-in allocator name of a (placement, reservation rule) pair."""
+    return f"orca_{reserve}" if place == BUDDY else f"contiguous_{reserve}"
 
-    ``reserve``: a rule's name (``max``, ``pow2``, ``oracle``: :data:`RESERVATION_RULES`) or a callable
-    ``(final_len, max_model_len) -> slots``; default: the rule the ``allocator`` label names
-    (``contiguous_max`` ...). ``place``: ``first_fit``, ``best_fit`` (:data:`PLACEMENT_RULES`) or a callable
-    ``(run starts, start -> length, blocks) -> start | None``. ``cow`` is accepted and ignored (nothing is
-    ever shared); ``prefix_cache`` must be false.
+
+class ContiguousBlockManager(BlockManager):
+    """Reservations of ``reserve(final_len, max_model_len, prompt_len)`` slots placed by ``place``.
+
+    ``reserve``: a rule's name (``max``, ``pow2``, ``oracle``, ``pow2_total``: :data:`RESERVATION_RULES`) or
+    a callable ``(final_len, max_model_len[, prompt_len]) -> slots``; default: the rule the ``allocator``
+    label names (``contiguous_max``, ``orca_pow2`` ...). ``place``: ``first_fit``, ``best_fit``
+    (:data:`PLACEMENT_RULES`), ``buddy`` (:class:`BuddyRuns`) or a callable ``(run starts, start -> length,
+    blocks) -> start | None``; default: ``buddy`` for an ``orca_*`` label, else ``first_fit``. ``cow`` is
+    accepted and ignored (nothing is ever shared); ``prefix_cache`` must be false.
     """
 
     contiguous_kv = True  # a sequence's blocks are one physical run (kernels and swaps may read it as one)
@@ -50,38 +68,53 @@ class ContiguousBlockManager(BlockManager):
         block_size: int,
         *,
         reserve: str | ReservationRule | None = None,
-        place: str | PlacementRule = "first_fit",
+        place: str | PlacementRule | None = None,
         prefix_cache: bool = False,
         **kwargs: object,
     ) -> None:
         if prefix_cache:
             raise KVBadArgument("prefix_cache", True, "false with a contiguous allocator (contiguous reservations "
                                 "never share blocks; the prefix cache needs allocator=paged)")
+        if place is None:
+            place = BUDDY if str(kwargs.get("allocator", "")).startswith("orca_") else "first_fit"
         if isinstance(reserve, str):
-            kwargs.setdefault("allocator", f"contiguous_{reserve}")
+            kwargs.setdefault("allocator", _label(place, reserve))
             reserve = _named("reserve", reserve, RESERVATION_RULES)
-        kwargs.setdefault("allocator", "contiguous_oracle" if reserve is None else "contiguous")
-        if isinstance(place, str):
-            place = _named("place", place, PLACEMENT_RULES)
+        kwargs.setdefault("allocator", _label(place, "oracle") if reserve is None else "contiguous")
+        if isinstance(place, str) and place != BUDDY:
+            place = _named("place", place, PLACEMENT_RULES, PLACEMENTS)
         super().__init__(num_blocks, block_size, **kwargs)  # type: ignore[arg-type]
         self.cow = False
         if reserve is None:
-            reserve = RESERVATION_RULES.get(str(self.allocator).removeprefix("contiguous_"))
+            name = str(self.allocator)
+            reserve = RESERVATION_RULES.get(name.split("_", 1)[1] if "_" in name else name)
             if reserve is None:
                 raise KVBadArgument("reserve", None, "one of " + ", ".join(RESERVATION_RULES) + " or a callable")
         if reserve is reserve_max and self.max_model_len is None:
             raise KVBadArgument("max_model_len", None, "an integer: reserve=max reserves max_model_len slots")
         self.reserve = reserve
-        self._runs = FreeRuns(num_blocks, place)
+        self._reserve_takes_prompt = takes_prompt_len(reserve)
+        self.place = place
+        self._runs: FreeRuns | BuddyRuns
+        if place == BUDDY:
+            self._runs = BuddyRuns(num_blocks)
+        else:
+            self._runs = FreeRuns(num_blocks, place)  # type: ignore[arg-type]
         self._res_start: dict[int, int] = {}  # resident: first reserved block
         self._res_len: dict[int, int] = {}  # live (resident or swapped): reserved blocks
 
     # ------------------------------------------------------------------ helpers
-    def _reservation(self, final_len: int) -> int:
-        return self._blocks(self.reserve(final_len, self.max_model_len))
+    def _reservation(self, final_len: int, n: int) -> int:
+        """Blocks a sequence of ``n`` tokens now and ``final_len`` at the end takes: its rule's slots in
+        whole blocks, rounded up as the placement does (buddy: to a power of two)."""
+        if self._reserve_takes_prompt:
+            slots = self.reserve(final_len, self.max_model_len, prompt_len=n)
+        else:
+            slots = self.reserve(final_len, self.max_model_len)
+        return self._runs.size_for(self._blocks(slots))
 
     def _admission_blocks(self, n: int, eff: int, num_seqs: int) -> tuple[int, int]:
-        need = num_seqs * self._reservation(eff)
+        need = num_seqs * self._reservation(eff, n)
         return need, need
 
     def _note_ext_frag(self) -> None:
@@ -106,7 +139,7 @@ class ContiguousBlockManager(BlockManager):
         blocked = 0
         for sid in seq_ids:
             r = rl[sid]
-            if ntok[sid] == r * bs and not runs.is_run_start(rs[sid] + r):
+            if ntok[sid] == r * bs and not runs.can_grow(rs[sid], r):
                 blocked += 1
         return blocked
 
@@ -116,7 +149,7 @@ class ContiguousBlockManager(BlockManager):
         n = len(token_ids)
         if self._never_reason(n, final_len, num_seqs) is not None:
             return AllocStatus.NEVER
-        res = self._reservation(max(final_len, n))
+        res = self._reservation(max(final_len, n), n)
         runs = self._runs
         if runs.free_blocks - num_seqs * res < self.watermark_blocks:
             return AllocStatus.LATER
@@ -128,7 +161,7 @@ class ContiguousBlockManager(BlockManager):
     def allocate(self, seq_id: int, token_ids: Sequence[int], final_len: int) -> int:
         """Reserve a run for ``seq_id``'s final length; returns 0 (no prefix cache)."""
         n = self._admit_check(seq_id, token_ids, final_len)
-        res = self._reservation(max(final_len, n))
+        res = self._reservation(max(final_len, n), n)
         start = self._take_run(res, f"sequence {seq_id!r}")
         self._tables[seq_id] = list(range(start, start + self._blocks(n)))
         self._res_start[seq_id] = start
@@ -197,9 +230,9 @@ class ContiguousBlockManager(BlockManager):
                 k = len(table)
                 start = rs[sid]
                 if k == rl[sid]:
-                    self._runs.take_block(start + k)
-                    rl[sid] = k + 1
-                    grown += 1
+                    new = self._runs.grow(start, k)
+                    rl[sid] = new
+                    grown += new - k
                 table.append(start + k)
             ntok[sid] = n + 1
         self._T += len(seq_ids)
@@ -271,8 +304,12 @@ class ContiguousBlockManager(BlockManager):
         return self._res_start.get(seq_id), self._res_len[seq_id]
 
     def free_blocks_in_eviction_order(self) -> list[int]:
-        """Free blocks by id (the free runs, lowest first)."""
-        return [b for s, ln in self._runs.runs() for b in range(s, s + ln)]
+        """Free blocks in the order one-block reservations would take them: first fit, the free runs lowest
+        first; buddy, the smallest free buddy block first (lowest start on ties), each from its start."""
+        runs = self._runs.runs()
+        if self._runs.buddy:
+            runs.sort(key=lambda r: (r[1], r[0]))
+        return [b for s, ln in runs for b in range(s, s + ln)]
 
     def free_runs(self) -> list[tuple[int, int]]:
         """(start, length) of every free run, by start."""

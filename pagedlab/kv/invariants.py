@@ -2,7 +2,8 @@
 
 ``check_invariants(m)`` raises AssertionError naming the first mismatch. It reads the manager's
 internals (it is part of the package), dispatching on the allocator's layout: paged block
-tables over a ``BlockPool``, or contiguous reservations over ``FreeRuns``.
+tables over a ``BlockPool``, or contiguous reservations over ``FreeRuns`` (maximal free runs) or
+``BuddyRuns`` (aligned power-of-two buddy blocks, maximally coalesced).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from .allocators import BuddyRuns
     from .block_manager import BlockManager
     from .contiguous import ContiguousBlockManager
     from .paged import PagedBlockManager
@@ -88,36 +90,60 @@ def check_paged(m: PagedBlockManager) -> tuple[int, int]:
 
 
 def check_contiguous(m: ContiguousBlockManager) -> tuple[int, int]:
-    """Tables are prefixes of disjoint reservations, free runs are maximal and disjoint from them;
-    returns the recomputed (token slots, logical blocks)."""
+    """Tables are prefixes of disjoint reservations, the free space is disjoint from them and in the
+    free-space structure's own form; returns the recomputed (token slots, logical blocks)."""
     N = m.num_blocks
     owner: list[int | None] = [None] * N
     T = logical = 0
+    buddy = m._runs.buddy
     for sid, table in m._tables.items():
         start, res = m._res_start[sid], m._res_len[sid]
         if table != list(range(start, start + len(table))) or len(table) > res:
             fail(f"seq {sid}: table {table} is not a prefix of its reservation")
+        if buddy and (res & (res - 1) or start % res or start + res > N):
+            fail(f"seq {sid}: reservation of {res} blocks at {start} is not an aligned power-of-two "
+                 "buddy block")
         for b in range(start, start + res):
             if owner[b] is not None:
                 fail(f"block {b} reserved by {owner[b]} and {sid}")
             owner[b] = sid
         T += m._ntok[sid]
         logical += res
+    for sid, res in m._res_len.items():
+        if buddy and res & (res - 1):
+            fail(f"seq {sid}: reservation of {res} blocks is not a power of two")
     nfree, prev_end = 0, -1
     for s, ln in m._runs.runs():
-        if ln < 1 or s <= prev_end:
+        if ln < 1 or s < prev_end or (not buddy and s == prev_end):
             fail(f"free runs overlap, touch or are empty at {s}")
         for b in range(s, s + ln):
             if owner[b] is not None:
                 fail(f"block {b} is free and reserved by {owner[b]}")
         nfree += ln
         prev_end = s + ln
+    if buddy:
+        check_buddies(m._runs)  # type: ignore[arg-type]
     used = sum(1 for o in owner if o is not None)
     if nfree != m._runs.free_blocks or nfree + used != N:
         fail(f"free {nfree} + used {used} != num_blocks {N}")
     if m._res_len.keys() != m._ntok.keys():
         fail("reservations do not match the live sequences")
     return T, logical
+
+
+def check_buddies(runs: BuddyRuns) -> None:
+    """Every free block is an aligned power-of-two block inside the pool, listed once under its order, and
+    none has a free buddy of its own order (free blocks are maximally coalesced)."""
+    orders = runs.free_orders()
+    listed = [(s, k) for k, starts in enumerate(runs._free) for s in starts]
+    if sorted(listed) != sorted(orders.items()) or any(lst != sorted(lst) for lst in runs._free):
+        fail("buddy free lists and the free-block map disagree (or a list is unsorted)")
+    for s, k in orders.items():
+        size = 1 << k
+        if s % size or s + size > runs.num_blocks:
+            fail(f"free buddy block of order {k} at {s} is not aligned or leaves the pool")
+        if orders.get(s ^ size) == k:
+            fail(f"free buddies {min(s, s ^ size)} and {max(s, s ^ size)} of order {k} were not merged")
 
 
 def check_prefix_cache(m: PrefixCacheLayer) -> None:
