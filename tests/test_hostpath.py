@@ -225,3 +225,44 @@ def test_budget_counts_the_staging(monkeypatch):
             staging_bytes(16 * spec.kv_bytes_per_token) >= 16 * spec.kv_bytes_per_token
         monkeypatch.undo()
     assert staging_bytes(1 << 30) == 1 << 30  # at least one block, whatever its size
+
+
+# -- block tables on the device ----------------------------------------------------------------------------
+
+def test_device_block_tables_send_only_what_changed():
+    """Across steps of appends, copy-on-write replacements, shrinking tables and more sequences than
+    slots, the device rows equal the host tables; a step where no table changed writes nothing."""
+    from pagedlab.kernels.metadata import DeviceBlockTables, build_metadata
+
+    bs, rng = 4, random.Random(1)
+    dev_tables = DeviceBlockTables("cpu", slots=4, width=2)
+    tables: dict[int, list[int]] = {}
+    next_id = 0
+    for step_no in range(60):
+        if len(tables) < 6 or rng.random() < 0.2:  # a new sequence
+            tables[next_id] = [rng.randrange(100) for _ in range(rng.randint(1, 5))]
+            next_id += 1
+        if rng.random() < 0.2:  # one ends
+            tables.pop(rng.choice(list(tables)))
+        for t in tables.values():
+            r = rng.random()
+            if r < 0.3:
+                t.append(rng.randrange(100))
+            elif r < 0.4:
+                t[rng.randrange(len(t))] = rng.randrange(100)  # copy-on-write
+            elif r < 0.45 and len(t) > 1:
+                t.pop()
+        batch = rng.sample(list(tables), min(len(tables), rng.randint(1, 7)))
+        ctx = [len(tables[s]) * bs - rng.randrange(bs) for s in batch]
+        host = [list(tables[s]) for s in batch]
+        meta = build_metadata([1] * len(batch), ctx, host, list(range(len(batch))), bs, "cpu",
+                              seq_ids=batch, device_tables=dev_tables)
+        want = build_metadata([1] * len(batch), ctx, host, list(range(len(batch))), bs, "cpu")
+        for i, c in enumerate(ctx):
+            n = -(-c // bs)
+            assert meta.block_tables[i, :n].tolist() == want.block_tables[i, :n].tolist() == host[i][:n], step_no
+        before = dev_tables.written
+        build_metadata([1] * len(batch), ctx, host, list(range(len(batch))), bs, "cpu",
+                       seq_ids=batch, device_tables=dev_tables)
+        assert dev_tables.written == before  # nothing changed: nothing sent
+    assert dev_tables.table.shape[0] >= 7 and dev_tables.table.shape[1] >= 5

@@ -18,6 +18,7 @@ from pagedlab.cfg_access import cfg_get
 from pagedlab.executors.base import ModelInput, StepInput, StepOutput
 from pagedlab.kernels import AttentionKernel, KVCache, build_metadata
 from pagedlab.kernels.kv_cache import staging_bytes
+from pagedlab.kernels.metadata import DeviceBlockTables
 from pagedlab.kernels.torch_gather import TorchGatherKernel
 from pagedlab.models.hf_adapter import HFModel, resolve_dtype
 from pagedlab.models.presets import (
@@ -183,6 +184,7 @@ class TorchExecutor:
         m = self.model
         self.kv = KVCache(m.num_layers, num_blocks, block_size, m.num_kv_heads, m.head_dim, m.dtype,
                           self.device, num_swap_blocks)
+        self.tables = DeviceBlockTables(self.device)  # block tables on the device, updated incrementally
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -194,8 +196,8 @@ class TorchExecutor:
 
     def _forward(self, mi: ModelInput) -> torch.Tensor:
         dev = self.device
-        meta = build_metadata(mi.query_lens, mi.context_lens, mi.block_tables, mi.slot_mapping,
-                              self.block_size, dev, mi.input_ids, mi.positions)  # one (pinned) copy up
+        meta = build_metadata(mi.query_lens, mi.context_lens, mi.block_tables, mi.slot_mapping, self.block_size,
+                              dev, mi.input_ids, mi.positions, mi.seq_ids, self.tables)  # one (pinned) copy up
         return self.model.forward(meta.input_ids, meta.positions, self.kv, meta, self.kernel)
 
     def execute(self, step: StepInput) -> StepOutput:

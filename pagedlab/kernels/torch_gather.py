@@ -76,9 +76,13 @@ def _single_runs(meta: PagedMetadata, seqs: list[int], window: int | None) -> tu
     """For each sequence of `seqs`: are its visible tokens one run of consecutive physical slots (its
     blocks consecutive in the pool), and the slot of the first visible token. Vectorised over the batch,
     on the host copy of the block tables (nothing is read back from the device)."""
-    bs = meta.block_size
-    table = np.asarray(meta.block_tables_list, dtype=np.int64).reshape(meta.num_seqs, -1)[seqs]
-    ctx = np.asarray([meta.context_lens_list[s] for s in seqs], dtype=np.int64)
+    bs, clens = meta.block_size, meta.context_lens_list
+    width = max(-(-clens[s] // bs) for s in seqs)
+    table = np.zeros((len(seqs), width), dtype=np.int64)
+    for i, s in enumerate(seqs):
+        n = -(-clens[s] // bs)
+        table[i, :n] = meta.host_tables[s][:n]
+    ctx = np.asarray([clens[s] for s in seqs], dtype=np.int64)
     lo = np.maximum(ctx - window, 0) if window is not None else np.zeros_like(ctx)
     first, last = lo // bs, (ctx - 1) // bs
     j = np.arange(table.shape[1] - 1)
@@ -90,7 +94,8 @@ def _single_runs(meta: PagedMetadata, seqs: list[int], window: int | None) -> tu
 
 def _gather_chunks(meta: PagedMetadata, seqs: list[int], kv: torch.Tensor, window: int | None) -> list[tuple]:
     """Chunks of sequences to gather: (token rows, flat block ids, padded length, mask or None). Planned
-    on the host from the metadata's lists; the index tensors of every chunk go up in one copy."""
+    on the host from the metadata's lists; the index tensors of every chunk go up in one copy, and the
+    block ids are taken from the block tables on the device."""
     bs, clens, dev = meta.block_size, meta.context_lens_list, kv.device
     order = sorted(seqs, key=lambda s: -clens[s])
     token_bytes = 2 * kv[0, 0, 0].numel() * kv.element_size()
@@ -103,9 +108,8 @@ def _gather_chunks(meta: PagedMetadata, seqs: list[int], kv: torch.Tensor, windo
         lens = [clens[s] for s in chunk]
         masked = min(lens) < padded or (window is not None and padded > window)
         at = len(packed)
+        packed += chunk
         packed += [meta.query_start_list[s] for s in chunk]
-        for s in chunk:
-            packed += meta.table_row(s, padded // bs)
         if masked:
             packed += lens
         plan.append((at, len(chunk), padded, masked))
@@ -115,13 +119,12 @@ def _gather_chunks(meta: PagedMetadata, seqs: list[int], kv: torch.Tensor, windo
     ids = to_device(packed, torch.long, dev)
     chunks = []
     for at, n, padded, masked in plan:
-        rows = ids[at : at + n]
-        nb = n * (padded // bs)
-        blocks = ids[at + n : at + n + nb]
+        rows = ids[at + n : at + 2 * n]
+        blocks = meta.block_tables[:, : padded // bs].index_select(0, ids[at : at + n]).reshape(-1).long()
         mask = None
         if masked:
             pos = torch.arange(padded, device=dev)
-            ctx = ids[at + n + nb : at + 2 * n + nb].view(-1, 1, 1, 1)
+            ctx = ids[at + 2 * n : at + 3 * n].view(-1, 1, 1, 1)
             mask = pos < ctx
             if window is not None:
                 mask &= pos >= ctx - window
