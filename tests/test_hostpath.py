@@ -128,6 +128,8 @@ def test_parallel_sampling_does_not_depend_on_the_batch(model_dirs):  # noqa: F8
     pytest.param({"workload.num_requests": 6, "workload.prompt_len": [4, 24], "workload.output_len": [3, 10],
                   "workload.beam_width": 3, "cow": False, "block_size": 8, "kv_cache.num_blocks": 12,
                   "eviction.mode": "swap"}, id="beam-copy-swap"),  # test_e2e's qwen2-3-copy-swap, on llama
+    pytest.param({**SAMPLED, "kv_cache.num_blocks": 8, "eviction.mode": "swap", "model.forward": "hf"},
+                 id="sampled-swap-hf-modules"),
 ])
 def test_no_read_back_inside_a_step_and_one_transfer_per_step(model_dirs, monkeypatch, case):  # noqa: F811
     """Every tensor-to-host conversion raises inside `TorchExecutor.execute` (block copies, swaps,
