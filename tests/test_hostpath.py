@@ -133,7 +133,12 @@ def test_parallel_sampling_does_not_depend_on_the_batch(model_dirs):  # noqa: F8
 ])
 def test_no_read_back_inside_a_step_and_one_transfer_per_step(model_dirs, monkeypatch, case):  # noqa: F811
     """Every tensor-to-host conversion raises inside `TorchExecutor.execute` (block copies, swaps,
-    metadata, forward); the sampler brings each step's choices to the host once, when planned."""
+    metadata, forward); the sampler brings each step's choices to the host once, when planned. The KV
+    cache runs staged as on CUDA (one block per chunk) and gives the tokens of the direct copies."""
+    want = tokens(run(config(model_dirs, "llama", **case)))
+    init = KVCache.__init__
+    monkeypatch.setattr(kv_cache, "SWAP_CHUNK_BYTES", 1)
+    monkeypatch.setattr(KVCache, "__init__", lambda self, *a, **kw: init(self, *a, **{**kw, "staged": True}))
     state = {"in_step": False, "outside_plan": 0, "steps": 0}
     execute = TorchExecutor.execute
 
@@ -176,6 +181,7 @@ def test_no_read_back_inside_a_step_and_one_transfer_per_step(model_dirs, monkey
     s = result.summary
     assert s["num_finished"] == s["num_requests"] and s["swapped_out_blocks"] > 0 and s["swapped_in_blocks"] > 0
     assert state["steps"] > 0 and state["outside_plan"] == 0
+    assert tokens(result) == want
 
 
 # -- staged copies and swaps, and the budget --------------------------------------------------------------
