@@ -221,9 +221,9 @@ def test_swap_out_is_in_the_host_pool_when_read():
     assert torch.equal(kv.host[:, :, 1], kv.pool[:, :, 3])
 
 
-def test_budget_counts_the_staging(monkeypatch):
+def test_budget_counts_the_staging_and_the_sampler(monkeypatch):
     """`reserved_bytes` (what the default CUDA budget subtracts) holds the kernel's workspace, the
-    activations and the KV cache's device staging for block copies and swaps."""
+    activations, the KV cache's device staging for block copies and swaps, and the sampler's batched work."""
     spec = model_spec("llama3_8b")
     for name in ("torch_gather", "triton"):
         kernel = get_kernel(name)

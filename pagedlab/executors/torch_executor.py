@@ -30,6 +30,7 @@ from pagedlab.models.presets import (
 )
 
 CPU_BUDGET_BYTES = 1 << 28  # 0.25 GiB of KV when running on the CPU with no budget given
+SAMPLER_BYTES_PER_LOGIT = 4 + 4 + 8 + 4 + 4 + 4 + 4  # LogitsSampler's random rows, at most, per logit
 
 
 num_blocks_from_budget = num_blocks_in_budget  # the one sizing rule (docs/metrics.md), shared with the simulator
@@ -44,7 +45,9 @@ def reserved_bytes(spec: ModelSpec, kernel: AttentionKernel, max_num_batched_tok
     - the KV cache's device staging for block copies and swaps (`kv_cache.staging_bytes`);
     - activations of a step of max_num_batched_tokens tokens (hidden states, q/k/v, attention output,
       the MLP's three intermediates, twice for the allocator's overlap between layers) and the fp32
-      last-token logits.
+      last-token logits;
+    - the sampler's batched work over [max_num_seqs, vocab] (`SAMPLER_BYTES_PER_LOGIT`: scaled logits,
+      sorted values and their int64 order, probabilities, cumulative sums, the exponential noise).
     """
     tokens, seqs = max_num_batched_tokens, max_num_seqs
     b = spec.dtype_bytes
@@ -53,7 +56,8 @@ def reserved_bytes(spec: ModelSpec, kernel: AttentionKernel, max_num_batched_tok
         + 3 * spec.intermediate_size
     activations = 2 * tokens * width * b + 2 * seqs * spec.vocab_size * 4
     staging = staging_bytes(block_size * spec.kv_bytes_per_token)
-    return int(kernel_bytes + activations + staging)
+    sampler = seqs * spec.vocab_size * SAMPLER_BYTES_PER_LOGIT
+    return int(kernel_bytes + activations + staging + sampler)
 
 
 def default_budget_bytes(device: torch.device, free_before: int, utilization: float, weight_bytes: int,
