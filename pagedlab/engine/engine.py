@@ -128,6 +128,9 @@ class Engine:
             out = self.executor.execute(StepInput(
                 model_input, sched.fork_copies, sched.swap_out, sched.swap_in, sched.cow_copies, self.contiguous_kv))
             self.sampler.begin_step(out.logits)
+            plan = getattr(self.sampler, "plan_step", None)  # optional: the step's choices batched at once
+            if plan is not None:
+                plan(sched)
             step_time = out.time_s
         else:
             step_time = 0.0

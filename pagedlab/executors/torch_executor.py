@@ -17,6 +17,8 @@ import torch
 from pagedlab.cfg_access import cfg_get
 from pagedlab.executors.base import ModelInput, StepInput, StepOutput
 from pagedlab.kernels import AttentionKernel, KVCache, build_metadata
+from pagedlab.kernels.kv_cache import staging_bytes
+from pagedlab.kernels.metadata import DeviceBlockTables
 from pagedlab.kernels.torch_gather import TorchGatherKernel
 from pagedlab.models.dtypes import resolve_dtype
 from pagedlab.models.presets import (
@@ -31,20 +33,24 @@ if TYPE_CHECKING:  # transformers loads only when a model does (the preflight im
     from pagedlab.models.hf_adapter import HFModel
 
 CPU_BUDGET_BYTES = 1 << 28  # 0.25 GiB of KV when running on the CPU with no budget given
+SAMPLER_BYTES_PER_LOGIT = 4 + 4 + 8 + 4 + 4 + 4 + 4  # LogitsSampler's random rows, at most, per logit
 
 
 num_blocks_from_budget = num_blocks_in_budget  # the one sizing rule (docs/metrics.md), shared with the simulator
 
 
 def reserved_bytes(spec: ModelSpec, kernel: AttentionKernel, max_num_batched_tokens: int = 8192,
-                   max_num_seqs: int = 256, max_model_len: int = 2048) -> int:
+                   max_num_seqs: int = 256, max_model_len: int = 2048, block_size: int = 16) -> int:
     """Device memory the engine uses outside the KV pool and the weights, at most, for this config:
 
     - the kernel's own (`kernel.workspace_bytes`: torch_gather's gather workspace, Triton's
       split-decode buffers);
+    - the KV cache's device staging for block copies and swaps (`kv_cache.staging_bytes`);
     - activations of a step of max_num_batched_tokens tokens (hidden states, q/k/v, attention output,
       the MLP's three intermediates, twice for the allocator's overlap between layers) and the fp32
-      last-token logits.
+      last-token logits;
+    - the sampler's batched work over [max_num_seqs, vocab] (`SAMPLER_BYTES_PER_LOGIT`: scaled logits,
+      sorted values and their int64 order, probabilities, cumulative sums, the exponential noise).
     """
     tokens, seqs = max_num_batched_tokens, max_num_seqs
     b = spec.dtype_bytes
@@ -52,7 +58,9 @@ def reserved_bytes(spec: ModelSpec, kernel: AttentionKernel, max_num_batched_tok
     width = 4 * spec.hidden_size + 2 * (spec.num_heads + spec.num_kv_heads) * spec.head_dim \
         + 3 * spec.intermediate_size
     activations = 2 * tokens * width * b + 2 * seqs * spec.vocab_size * 4
-    return int(kernel_bytes + activations)
+    staging = staging_bytes(block_size * spec.kv_bytes_per_token)
+    sampler = seqs * spec.vocab_size * SAMPLER_BYTES_PER_LOGIT
+    return int(kernel_bytes + activations + staging + sampler)
 
 
 def default_budget_bytes(device: torch.device, free_before: int, utilization: float, weight_bytes: int,
@@ -153,8 +161,10 @@ class TorchExecutor:
         max_model_len: int = 2048,
         model: HFModel | Any | None = None,
         forward: str = "auto",
+        sync_time: bool = False,
     ) -> None:
         self.device = resolve_device(device)
+        self.sync_time = sync_time
         self.kernel = kernel = kernel if kernel is not None else TorchGatherKernel()
         warn_kernel(kernel, self.device)
         free_before = torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" else 0
@@ -172,7 +182,8 @@ class TorchExecutor:
                 if self.device.type == "cuda":
                     spec = spec_from_hf_config(m.model.config.get_text_config(), "model",
                                                str(m.dtype).removeprefix("torch."))
-                    reserved = reserved_bytes(spec, kernel, max_num_batched_tokens, max_num_seqs, max_model_len)
+                    reserved = reserved_bytes(spec, kernel, max_num_batched_tokens, max_num_seqs, max_model_len,
+                                              block_size)
                 budget_bytes = default_budget_bytes(self.device, free_before, gpu_memory_utilization,
                                                     m.weight_bytes, reserved=reserved)
             num_blocks = num_blocks_from_budget(budget_bytes, block_size, self.kv_bytes_per_token)
@@ -184,6 +195,7 @@ class TorchExecutor:
         m = self.model
         self.kv = KVCache(m.num_layers, num_blocks, block_size, m.num_kv_heads, m.head_dim, m.dtype,
                           self.device, num_swap_blocks)
+        self.tables = DeviceBlockTables(self.device)  # block tables on the device, updated incrementally
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -195,14 +207,16 @@ class TorchExecutor:
 
     def _forward(self, mi: ModelInput) -> torch.Tensor:
         dev = self.device
-        meta = build_metadata(mi.query_lens, mi.context_lens, mi.block_tables, mi.slot_mapping,
-                              self.block_size, dev)
-        ids = torch.tensor(mi.input_ids, dtype=torch.long, device=dev)
-        pos = torch.tensor(mi.positions, dtype=torch.long, device=dev)
-        return self.model.forward(ids, pos, self.kv, meta, self.kernel)
+        meta = build_metadata(mi.query_lens, mi.context_lens, mi.block_tables, mi.slot_mapping, self.block_size,
+                              dev, mi.input_ids, mi.positions, mi.seq_ids, self.tables)  # one (pinned) copy up
+        return self.model.forward(meta.input_ids, meta.positions, self.kv, meta, self.kernel)
 
     def execute(self, step: StepInput) -> StepOutput:
-        """Memory operations in the order of `StepInput`'s fields, then the forward pass."""
+        """Memory operations in the order of `StepInput`'s fields, then the forward pass.
+
+        Nothing here waits for the device: on CUDA the returned logits may still be being computed
+        (`time_s` then covers the launches only; the engine times the whole step, up to the sampler's one
+        transfer of the chosen tokens). `sync_time=True` waits, for benches that time `execute` alone."""
         start = time.perf_counter()
         with torch.inference_mode():
             self.kv.copy_blocks(step.fork_copies)
@@ -214,7 +228,7 @@ class TorchExecutor:
                 logits = self._forward(mi)
             else:
                 logits = torch.empty(0, self.model.vocab_size, device=self.device)
-        if self.device.type == "cuda":
+        if self.sync_time and self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return StepOutput(logits=logits, time_s=time.perf_counter() - start)
 
@@ -248,7 +262,8 @@ class TorchBackend:
         dtype_name = str(model.dtype).removeprefix("torch.")
         self.spec = spec = spec_from_hf_config(model.model.config.get_text_config(), path or name, dtype_name)
         reserved = reserved_bytes(spec, kernel, int(get("max_num_batched_tokens", 8192)),
-                                  int(get("max_num_seqs", 256)), int(get("max_model_len", 2048)))
+                                  int(get("max_num_seqs", 256)), int(get("max_model_len", 2048)),
+                                  int(get("block_size", 16)))
         cpu_budget = float(get("kv_cache.cpu_budget_gib", CPU_BUDGET_BYTES / GIB)) * GIB
         budget = default_budget_bytes(device, free_before, float(get("kv_cache.gpu_memory_utilization", 0.9)),
                                       model.weight_bytes, cpu_budget, reserved=reserved)

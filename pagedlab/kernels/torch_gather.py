@@ -7,12 +7,14 @@ sequence's blocks through its block table into contiguous K/V and calls
 cached prefix, so prefill, decode, prefix-cache hits and recompute are one code path.
 
 Decode (one new token per sequence): a sequence whose visible tokens sit in one run of consecutive
-slots (blocks allocated together, as a prompt's are) of at least VIEW_MIN_TOKENS attends to a strided
-view of the pool with its own SDPA call, so nothing is copied. The others are batched: sorted by
-context length and cut into chunks whose gathered K/V fit a reusable workspace (cache-sized on the CPU, large on CUDA); each chunk
-is one `index_select` of whole blocks plus one SDPA call with a padding mask. The query heads of a
-KV group are packed into SDPA's query-length axis ([B, kv_heads, group, D]), so no K/V head is
-repeated. Prefill sequences loop; one without cached prefix attends to its own new K/V directly.
+slots (blocks allocated together, as a prompt's are) of at least VIEW_MIN_TOKENS attends, on the CPU only
+(VIEW_DEVICES), to a strided view of the pool with its own SDPA call, so nothing is copied. The others
+are batched: sorted by context length and cut into chunks whose gathered K/V fit a reusable workspace
+(cache-sized on the CPU, large on CUDA); each chunk is one `index_select` of whole blocks plus one SDPA
+call with a padding mask. The query heads of a KV group are packed into SDPA's query-length axis
+([B, kv_heads, group, D]), so no K/V head is repeated. The plan is made on the host from the metadata's
+lists (nothing is read back from the device) and its index tensors go up in one copy per step. Prefill
+sequences loop; one without cached prefix attends to its own new K/V directly.
 
 Prefill on CUDA (see `_prefill_plan`): SDPA's flash and memory-efficient backends do not take
 `enable_gqa` with every dtype and mask, and its math fallback materialises an fp32 [H, q, ctx] score
@@ -26,10 +28,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pagedlab.kernels.metadata import PagedMetadata
+from pagedlab.kernels.metadata import PagedMetadata, to_device
 
 if TYPE_CHECKING:
     from pagedlab.models.presets import ModelSpec
@@ -37,6 +40,9 @@ if TYPE_CHECKING:
 CHUNK_BYTES = {"cpu": 16 << 20, "cuda": 1 << 30}  # gathered K+V per decode chunk
 PREFILL_SCORE_BYTES = 256 << 20  # CUDA: fp32 scores [H, q_chunk, ctx] of one masked prefill call, at most
 VIEW_MIN_TOKENS = 256  # a run of consecutive slots this long is read in place, not gathered
+# where per-sequence views win: the CPU, whose SDPA reads a strided view as fast as a gathered copy and
+# has no launch cost. On CUDA one SDPA launch per sequence per layer loses to the batched gather.
+VIEW_DEVICES = ("cpu",)
 _workspace: dict[tuple[torch.device, torch.dtype, bool], torch.Tensor] = {}
 
 
@@ -68,44 +74,61 @@ def _gather(kv: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
 
 def _single_runs(meta: PagedMetadata, seqs: list[int], window: int | None) -> tuple[list[bool], list[int]]:
     """For each sequence of `seqs`: are its visible tokens one run of consecutive physical slots (its
-    blocks consecutive in the pool), and the slot of the first visible token. Vectorised over the batch."""
-    bs = meta.block_size
-    idx = torch.tensor(seqs, dtype=torch.long)
-    table = meta.block_tables.cpu().index_select(0, idx).long()
-    ctx = torch.tensor([meta.context_lens_list[s] for s in seqs], dtype=torch.long)
-    lo = (ctx - window).clamp(min=0) if window is not None else torch.zeros_like(ctx)
+    blocks consecutive in the pool), and the slot of the first visible token. Vectorised over the batch,
+    on the host copy of the block tables (nothing is read back from the device)."""
+    bs, clens = meta.block_size, meta.context_lens_list
+    width = max(-(-clens[s] // bs) for s in seqs)
+    table = np.zeros((len(seqs), width), dtype=np.int64)
+    for i, s in enumerate(seqs):
+        n = -(-clens[s] // bs)
+        table[i, :n] = meta.host_tables[s][:n]
+    ctx = np.asarray([clens[s] for s in seqs], dtype=np.int64)
+    lo = np.maximum(ctx - window, 0) if window is not None else np.zeros_like(ctx)
     first, last = lo // bs, (ctx - 1) // bs
-    j = torch.arange(table.shape[1] - 1)
+    j = np.arange(table.shape[1] - 1)
     inside = (j >= first[:, None]) & (j < last[:, None])  # pairs of neighbouring visible blocks
     single = ((table[:, 1:] - table[:, :-1] == 1) | ~inside).all(1)
-    first_slot = table.gather(1, first[:, None])[:, 0] * bs + lo % bs
+    first_slot = np.take_along_axis(table, first[:, None], 1)[:, 0] * bs + lo % bs
     return single.tolist(), first_slot.tolist()
 
 
 def _gather_chunks(meta: PagedMetadata, seqs: list[int], kv: torch.Tensor, window: int | None) -> list[tuple]:
-    """Chunks of sequences to gather: (token rows, flat block ids, padded length, mask or None)."""
+    """Chunks of sequences to gather: (token rows, flat block ids, padded length, mask or None). Planned
+    on the host from the metadata's lists; the index tensors of every chunk go up in one copy, and the
+    block ids are taken from the block tables on the device."""
     bs, clens, dev = meta.block_size, meta.context_lens_list, kv.device
     order = sorted(seqs, key=lambda s: -clens[s])
     token_bytes = 2 * kv[0, 0, 0].numel() * kv.element_size()
     budget = CHUNK_BYTES.get(dev.type, CHUNK_BYTES["cuda"])
-    chunks, i = [], 0
+    plan, packed, i = [], [], 0
     while i < len(order):
         padded = -(-clens[order[i]] // bs) * bs  # longest first: sets the chunk's width
         n = max(1, min(len(order) - i, budget // (padded * token_bytes)))
         chunk = order[i : i + n]
-        idx = torch.tensor(chunk, dtype=torch.long, device=dev)
-        rows = meta.query_start[idx].long()
-        blocks = meta.block_tables[idx, : padded // bs].reshape(-1).long()
         lens = [clens[s] for s in chunk]
+        masked = min(lens) < padded or (window is not None and padded > window)
+        at = len(packed)
+        packed += chunk
+        packed += [meta.query_start_list[s] for s in chunk]
+        if masked:
+            packed += lens
+        plan.append((at, len(chunk), padded, masked))
+        i += n
+    if not plan:
+        return []
+    ids = to_device(packed, torch.long, dev)
+    chunks = []
+    for at, n, padded, masked in plan:
+        rows = ids[at + n : at + 2 * n]
+        blocks = meta.block_tables[:, : padded // bs].index_select(0, ids[at : at + n]).reshape(-1).long()
         mask = None
-        if min(lens) < padded or (window is not None and padded > window):
+        if masked:
             pos = torch.arange(padded, device=dev)
-            ctx = meta.context_lens[idx].view(-1, 1, 1, 1)
+            ctx = ids[at + 2 * n : at + 3 * n].view(-1, 1, 1, 1)
             mask = pos < ctx
             if window is not None:
                 mask &= pos >= ctx - window
         chunks.append((rows, blocks, padded, mask))
-        i += n
     return chunks
 
 
@@ -120,8 +143,10 @@ def _decode_plan(meta: PagedMetadata, kv: torch.Tensor, window: int | None) -> t
     if key in meta.plans:
         return meta.plans[key]
     clens, seqs = meta.context_lens_list, meta.decode_seqs
-    views, gathered = [], []
-    if seqs:
+    views: list[tuple[int, int, int]] = []
+    gathered = list(seqs)
+    if seqs and kv.device.type in VIEW_DEVICES:
+        gathered = []
         single, first_slot = _single_runs(meta, seqs, window)
         for s, one, slot in zip(seqs, single, first_slot):
             n = clens[s] if window is None else min(clens[s], window)

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from pagedlab.errors import BadArgument
-from pagedlab.kernels.metadata import PagedMetadata
+from pagedlab.kernels.metadata import PagedMetadata, to_device
 
 if TYPE_CHECKING:
     from pagedlab.models.presets import ModelSpec
@@ -194,8 +194,11 @@ def _decode_plan(meta: PagedMetadata, heads: int, kv_heads: int, dim: int, split
         part_len = -(-max_ctx // n)
         part_len = -(-part_len // BLOCK_N) * BLOCK_N
         parts = -(-max_ctx // part_len)
-        idx = torch.tensor(seqs, dtype=torch.int32, device=dev)
-        plan = {"seqs": idx, "rows": meta.query_start[idx.long()], "part_len": part_len, "parts": parts}
+        # sequence ids and their token rows, from the host lists: one copy, no read back; the rows start
+        # 16-byte aligned (as `_prefill_tiles`), so Triton's pointer specialisation does not vary by step
+        at = -(-len(seqs) // 4) * 4
+        idx = to_device(seqs + [0] * (at - len(seqs)) + [meta.query_start_list[s] for s in seqs], torch.int32, dev)
+        plan = {"seqs": idx[: len(seqs)], "rows": idx[at:], "part_len": part_len, "parts": parts}
         if parts > 1:
             plan["m"] = torch.empty(len(seqs) * heads * parts, dtype=torch.float32, device=dev)
             plan["l"] = torch.empty_like(plan["m"])
@@ -212,8 +215,8 @@ def _prefill_tiles(meta: PagedMetadata) -> tuple[torch.Tensor, torch.Tensor]:
         # number of tiles, so Triton's divisibility specialisation of the pointers does not vary by step
         width = -(-len(tiles) // 4) * 4
         rows = [[s for s, _ in tiles], [m for _, m in tiles]]
-        t = torch.tensor([r + [0] * (width - len(tiles)) for r in rows], dtype=torch.int32,
-                         device=meta.block_tables.device)
+        t = to_device([x for r in rows for x in r + [0] * (width - len(tiles))], torch.int32,
+                      meta.block_tables.device).view(2, width)
         meta.plans["triton_prefill"] = (t[0, : len(tiles)], t[1, : len(tiles)])
     return meta.plans["triton_prefill"]
 
