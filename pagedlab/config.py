@@ -31,6 +31,8 @@ EXTRA_KEYS = ("objective",)  # top-level keys outside the schema that `+key=valu
 
 # the components' own tables are the source of truth for the names users may type
 HARDWARE, MODELS, DTYPES = tuple(HARDWARE_PRESETS), (*MODEL_PRESETS, "hf"), ("auto", *DTYPE_BYTES)
+# pagedlab.engine.scheduler.BATCHING, not imported: that would load the engine before any check
+BATCHING = ("mixed", "prefill_first")
 
 
 class ConfigError(CompactHydraException, ValueError):
@@ -115,6 +117,7 @@ class PagedLabConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 8192
     max_model_len: int = 2048
+    batching: str = "mixed"
     overwrite: bool = False
     warmup_requests: int = 4
     repeats: int = 1
@@ -177,6 +180,7 @@ RULES: dict[str, Rule] = {
     "max_num_seqs": _int_range(1),
     "max_num_batched_tokens": _int_range(1),
     "max_model_len": _int_range(1),
+    "batching": _one_of(*BATCHING),
     "warmup_requests": _int_range(0),
     "repeats": _int_range(1),
     "kv_cache.budget_gib": _positive(optional=True),

@@ -16,6 +16,7 @@ with ``_std``, ``_min`` and ``_max`` (docs/metrics.md, "Time: modelled vs wall")
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import time
 from collections.abc import Callable
@@ -129,6 +130,22 @@ def kv_runtime_args(cfg: Any, num_blocks: int, num_swap_blocks: int) -> dict[str
             "watermark_blocks": int(float(_get(cfg, "kv_cache.watermark", 0.01)) * int(num_blocks))}
 
 
+def sampler_runtime_args(node: Any, seed: int, vocab_size: int, eos_token_id: int | None) -> dict[str, Any]:
+    """What the engine passes a ``sampling.sampler`` besides its own arguments: ``seed``, and the model's
+    ``vocab_size`` and ``eos_token_id`` when the constructor takes them and the node does not set them."""
+    args: dict[str, Any] = {"seed": seed}
+    if node is None:
+        return args
+    try:
+        params = inspect.signature(locate(node, "sampling.sampler")).parameters
+    except (TypeError, ValueError):  # no signature to read: seed only
+        return args
+    for name, value in (("vocab_size", vocab_size), ("eos_token_id", eos_token_id)):
+        if name in params and name not in node:
+            args[name] = value
+    return args
+
+
 def build(cfg: Any) -> Built:
     """Instantiate every part the config names (``_target_``, see pagedlab/parts.py): the executor's backend
     (model or its shapes), then per engine the allocator, preemption, scheduler and token sampler."""
@@ -142,6 +159,7 @@ def build(cfg: Any) -> Built:
     seed = int(_get(cfg, "seed", 0))
     executor = backend.make_executor(int(num_blocks), block_size, num_swap)
     sampler_node = _get(cfg, "sampling.sampler")
+    sampler_args = sampler_runtime_args(sampler_node, seed, spec.vocab_size, backend.eos_token_id)
 
     def new_engine() -> Engine:
         kv = instantiate_part(cfg.allocator, "allocator", **kv_runtime_args(cfg, num_blocks, num_swap))
@@ -149,9 +167,10 @@ def build(cfg: Any) -> Built:
             kv, max_num_seqs=int(_get(cfg, "max_num_seqs", 256)),
             max_num_batched_tokens=int(_get(cfg, "max_num_batched_tokens", 8192)), max_model_len=max_model_len,
             preemption=instantiate_part(cfg.eviction, "eviction"), eos_token_id=backend.eos_token_id,
+            batching=str(_get(cfg, "batching", "mixed")),
         )
-        sampler = (instantiate_part(sampler_node, "sampling.sampler", seed=seed) if sampler_node is not None
-                   else backend.make_sampler(seed))
+        sampler = (instantiate_part(sampler_node, "sampling.sampler", **sampler_args)
+                   if sampler_node is not None else backend.make_sampler(seed))
         return Engine(kv, scheduler, executor, sampler)
 
     engine = new_engine()

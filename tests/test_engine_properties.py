@@ -3,11 +3,12 @@
 Hypothesis draws valid configurations across every part that changes scheduling and memory
 (allocator, block size, cow, prefix cache, recompute or swap down to no swap space, every victim,
 tiny `max_num_seqs` and token budgets, greedy / parallel / beam groups, shared prefixes, tiny KV
-budgets) and runs the simulator on a few short requests. Each run must end within a step bound,
-`num_finished + num_rejected == num_requests`, every finished request has all its sequences, the
-block manager's invariants hold after every step, and nothing is mixed: a shadow KV cache replays
-every copy, swap and write the executor is asked for, and each scheduled sequence must read back
-its own tokens at their positions.
+budgets, mixed or prefill-first batching) and runs the simulator on a few short requests. Each run
+must end within a step bound, `num_finished + num_rejected == num_requests`, every finished request
+has all its sequences, the block manager's invariants hold after every step, and nothing is mixed: a
+shadow KV cache replays every copy, swap and write the executor is asked for, and each scheduled
+sequence must read back its own tokens at their positions. Under `batching=prefill_first` no step
+both prefills and decodes.
 """
 
 from __future__ import annotations
@@ -73,6 +74,7 @@ def configs(draw: Any) -> dict[str, Any]:
         "max_num_seqs": max_num_seqs,
         "max_num_batched_tokens": max_num_batched_tokens,
         "max_model_len": max_model_len,
+        "batching": rnd.choice(["mixed", "prefill_first"]),
         "kv_cache": {"num_blocks": num_blocks, "watermark": rnd.choice([0.0, 0.01, 0.1]),
                      "swap_gib": swap_blocks * block_size * KV_BYTES_PER_TOKEN / 2**30},
         "workload": {"name": rnd.choice(["uniform", "fixed"]), "num_requests": num_requests,
@@ -108,6 +110,9 @@ class ShadowKV:
         def scheduled() -> Any:
             out = schedule()
             self.seqs = {s.seq_id: s for _, seqs in out.scheduled for s in seqs}
+            assert out.prefill_groups + out.decode_groups == len(out.scheduled)
+            if engine.scheduler.batching == "prefill_first":
+                assert not (out.prefill_groups and out.decode_groups), "a prefill_first step mixes"
             return out
 
         def executed(step: Any) -> Any:

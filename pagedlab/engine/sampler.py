@@ -1,5 +1,6 @@
 """Token samplers: next tokens from real logits (greedy, temperature / top-k / top-p, beams), or, for
-the simulator, from a seeded RNG so that samples diverge and beams really fork and die.
+the simulator, from a seeded RNG so that samples diverge and beams really fork and die (beam
+candidates from a model of next-token confidence, calibrated in docs/beam_model.md).
 
 Both answer three questions for the scheduler, per step (the :class:`TokenSampler` contract):
 `sample(group, row)` one next token; `sample_n(group, row, n)` n tokens from one row (the first
@@ -9,12 +10,14 @@ continuations over the group's beams, best first (2k of them, so that k survive 
 
 from __future__ import annotations
 
+import math
 import zlib
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
 from pagedlab.engine.request import SequenceGroup
+from pagedlab.errors import BadArgument
 
 if TYPE_CHECKING:
     import torch
@@ -49,12 +52,34 @@ class TokenSampler(Protocol):
         """The group ended: drop its state (per-request RNG)."""
 
 
-class SimSampler:
-    """Token choices without a model: uniform random tokens from a per-request seeded RNG."""
+DEFAULT_VOCAB_SIZE = 32000  # a simulator sampler built without the model's vocabulary: ids need only differ
+BEAM_UNCERTAINTY = 20.0  # context tokens; calibrated against the paper's Figure 15 (docs/beam_model.md)
+_CONFIDENCE_CLIP = 1e-3
 
-    def __init__(self, vocab_size: int, base_seed: int = 0) -> None:
-        self.vocab_size = vocab_size
-        self.base_seed = base_seed
+
+class SimSampler:
+    """Token choices without a model: uniform random tokens from a per-request seeded RNG.
+
+    Beam candidates come from a model of the next-token distribution (docs/beam_model.md): each beam's
+    top 2k token probabilities are a stick-breaking draw whose pieces are Beta(c, 1 - c), sorted, with
+    confidence c = L / (L + ``beam_uncertainty``) at context length L (prompt + generated tokens); the
+    candidates are ranked by cumulative log-prob, as real beam search ranks them. A small
+    ``beam_uncertainty`` makes the model sure of its next token, so every beam keeps its own
+    continuation and beam trees stay apart; a large one makes the best beams' runners-up beat the
+    weaker beams, so survivors concentrate on few parents and trees merge (sharing toward 1 - 1/k).
+
+    Built by the simulator with the model's ``vocab_size``, or as ``sampling.sampler`` (``seed`` is the
+    run's seed, ``vocab_size`` the model's when the engine passes it)."""
+
+    def __init__(self, vocab_size: int = DEFAULT_VOCAB_SIZE, base_seed: int = 0, *, seed: int | None = None,
+                 beam_uncertainty: float = BEAM_UNCERTAINTY) -> None:
+        if isinstance(beam_uncertainty, bool) or not isinstance(beam_uncertainty, (int, float)) or not (
+                0 < beam_uncertainty < math.inf):
+            raise BadArgument("beam_uncertainty", beam_uncertainty,
+                              "a number of context tokens > 0 (docs/beam_model.md)")
+        self.vocab_size = int(vocab_size)
+        self.base_seed = int(seed) if seed is not None else base_seed
+        self.beam_uncertainty = float(beam_uncertainty)
         self._rngs: dict[Any, np.random.Generator] = {}
 
     def _rng(self, group: SequenceGroup) -> np.random.Generator:
@@ -73,11 +98,24 @@ class SimSampler:
     def sample_n(self, group: SequenceGroup, row: int, n: int) -> list[int]:
         return self._rng(group).integers(self.vocab_size, size=n).tolist()
 
+    def confidence(self, context_len: int) -> float:
+        """The model's confidence c at a context of ``context_len`` tokens: L / (L + beam_uncertainty)."""
+        c = context_len / (context_len + self.beam_uncertainty)
+        return min(max(c, _CONFIDENCE_CLIP), 1 - _CONFIDENCE_CLIP)
+
     def beam(self, group: SequenceGroup, rows: list[int], k: int, first: bool) -> list[Candidate]:
         rng = self._rng(group)
-        parents = np.zeros(2 * k, dtype=int) if first else rng.integers(len(rows), size=2 * k)
-        tokens = rng.integers(self.vocab_size, size=2 * k)
-        return [(int(p), int(t), 0.0) for p, t in zip(sorted(parents), tokens)]
+        beams = group.seqs[: 1 if first else len(rows)]
+        n = 2 * k
+        c = self.confidence(len(beams[0].tokens))
+        shares = rng.beta(c, 1 - c, size=(len(beams), n))  # stick-breaking: each token, a share of the rest
+        left = np.cumprod(np.concatenate([np.ones((len(beams), 1)), 1 - shares[:, :-1]], axis=1), axis=1)
+        probs = -np.sort(-(shares * left), axis=1)  # each beam's top-n next-token probabilities, best first
+        cum = np.array([s.cum_logprob for s in beams])
+        scores = (np.log(np.maximum(probs, 1e-300)) + cum[:, None]).ravel()
+        top = np.argsort(-scores, kind="stable")[:n]
+        tokens = rng.integers(self.vocab_size, size=n)
+        return [(int(i) // n, int(t), float(scores[i])) for i, t in zip(top, tokens)]
 
     def release(self, group: SequenceGroup) -> None:
         self._rngs.pop(group.request_id, None)

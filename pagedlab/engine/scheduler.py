@@ -9,6 +9,12 @@ Each step, in order:
    block manager can hold their prompts and `max_num_seqs` / `max_num_batched_tokens` allow.
 A request that can never fit is rejected with its reason and the run goes on.
 
+That is ``batching="mixed"`` (the default): a step decodes the running groups and prefills newly
+admitted prompts together. ``batching="prefill_first"`` runs the paper's vLLM: a step either
+prefills or decodes, never both. When a group is part-way through a chunked prefill, or (with no
+group waiting in swap) a waiting prompt can be admitted, the step prefills only (chunks first, then
+admissions with the token budget left) and the running groups wait; otherwise it runs steps 1-2.
+
 A group preempted by recompute can come back with more tokens than `max_num_batched_tokens` (each
 of its n samples or beams is re-prefilled). It is admitted with all its KV slots and prefilled in
 chunks that fit the token budget (chunked prefill, as vLLM does): first every sequence up to its
@@ -35,7 +41,10 @@ from itertools import count
 from pagedlab.engine.lifecycle import SequenceLifecycle
 from pagedlab.engine.preemption import Preemption
 from pagedlab.engine.request import GroupStatus, Sequence, SequenceGroup
+from pagedlab.errors import one_of
 from pagedlab.kv import AllocStatus, KVManager
+
+BATCHING = ("mixed", "prefill_first")  # decodes and new prompts in one step; or a step of either
 
 
 @dataclass
@@ -54,6 +63,8 @@ class SchedulerOutput:
     recomputed_tokens: int = 0
     chunked_tokens: int = 0  # prefill tokens scheduled as partial chunks
     prefix_hit_tokens: int = 0
+    prefill_groups: int = 0  # groups whose prompt, recompute or prefill chunk this step computes
+    decode_groups: int = 0  # groups whose sequences each compute one new token (grown this step)
 
     @property
     def num_seqs(self) -> int:
@@ -73,8 +84,10 @@ class Scheduler(SequenceLifecycle):
         max_model_len: int | None = None,
         preemption: Preemption | None = None,
         eos_token_id: int | None = None,
+        batching: str = "mixed",
     ) -> None:
         self.bm = block_manager
+        self.batching = one_of("batching", batching, BATCHING)
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
@@ -142,15 +155,28 @@ class Scheduler(SequenceLifecycle):
         self.step_index += 1
         out = SchedulerOutput(fork_copies=self.pending_fork_copies)
         self.pending_fork_copies = []
-        tokens_left = self.max_num_batched_tokens
-        tokens_left -= self._schedule_running(out, tokens_left)
-        if not out.num_preempted:  # memory is short: grow what runs, bring nothing in
-            self._schedule_swapped(out)
-            if not self.swapped:
-                self._admit_waiting(out, tokens_left)
+        if self.batching == "mixed" or not self._schedule_prefills(out):
+            tokens_left = self.max_num_batched_tokens
+            tokens_left -= self._schedule_running(out, tokens_left)
+            if not out.num_preempted:  # memory is short: grow what runs, bring nothing in
+                self._schedule_swapped(out)
+                if not self.swapped and self.batching == "mixed":
+                    self._admit_waiting(out, tokens_left)
         for group, _ in out.scheduled:
             group.last_scheduled_step = self.step_index
         return out
+
+    def _schedule_prefills(self, out: SchedulerOutput) -> bool:
+        """``prefill_first``: a prefill-only step, if there is prefill work: the next chunk of every group
+        part-way through a chunked prefill, then (when no group waits in swap) waiting groups admitted
+        with the token budget left. Whether it scheduled anything (rejections alone do not count)."""
+        tokens_left = self.max_num_batched_tokens
+        for group in self.running:
+            if group.prefilling:
+                tokens_left -= self._schedule_chunk(group, out, tokens_left)
+        if not self.swapped:
+            self._admit_waiting(out, tokens_left)
+        return bool(out.scheduled)
 
     def _schedule_running(self, out: SchedulerOutput, tokens_left: int) -> int:
         queue = deque(self.running)
@@ -173,6 +199,7 @@ class Scheduler(SequenceLifecycle):
             else:
                 out.cow_copies += self.bm.append_slots(ids, [s.tokens[-1] for s in group.seqs])
                 out.scheduled.append((group, list(group.seqs)))
+                out.decode_groups += 1
                 num_tokens += len(ids)
                 kept.append(group)
         self.running = kept
@@ -187,6 +214,7 @@ class Scheduler(SequenceLifecycle):
         if sum(remaining) <= budget or all(r <= 1 for r in remaining):
             group.prefilling = False  # decodes exceed the budget too, when it is below max_num_seqs
             out.scheduled.append((group, list(group.seqs)))
+            out.prefill_groups += 1
             return sum(remaining)
         chunk: list[Sequence] = []
         used = 0
@@ -198,6 +226,7 @@ class Scheduler(SequenceLifecycle):
                 used += take
         if chunk:
             out.scheduled.append((group, chunk))
+            out.prefill_groups += 1
         out.chunked_tokens += used
         return used
 
@@ -222,6 +251,7 @@ class Scheduler(SequenceLifecycle):
             if self.bm.can_append(ids):  # else it grows next step (and may be preempted then)
                 out.cow_copies += self.bm.append_slots(ids, [s.tokens[-1] for s in group.seqs])
                 out.scheduled.append((group, list(group.seqs)))
+                out.decode_groups += 1
 
     def _admit_waiting(self, out: SchedulerOutput, tokens_left: int) -> None:
         num_seqs = sum(len(g.seqs) for g in self.running)
@@ -246,6 +276,7 @@ class Scheduler(SequenceLifecycle):
                         tokens_left -= self._schedule_chunk(group, out, tokens_left)
                     else:
                         out.scheduled.append((group, [s for s in group.seqs if s.ready]))
+                        out.prefill_groups += 1
                         tokens_left -= new_tokens
                     continue
                 reason = (
