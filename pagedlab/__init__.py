@@ -2,7 +2,8 @@
 
 Notebook API (imported lazily, so `import pagedlab.kv` stays free of torch and Hydra):
 `compose(*overrides)`, `run_experiment(cfg)`, `sweep(cfg, grid)`, `load_results(path)`,
-`compare(df, by, metrics)`, `memory_breakdown(df)` (a Figure-2 style plot).
+`compare(df, by, metrics)`, `memory_breakdown(df)` (a Figure-2 style plot), `results_dir()` (the project's
+`results/`, found wherever a notebook starts); pictures in `pagedlab.viz`.
 """
 
 from __future__ import annotations
@@ -18,10 +19,12 @@ _LAZY = {
     "sweep": "pagedlab.app.api",
     "load_results": "pagedlab.app.results",
     "compare": "pagedlab.app.results",
+    "results_dir": "pagedlab.app.results",
     "memory_breakdown": "pagedlab.app.plots",
 }
 
-__all__ = ["RunResult", "compare", "compose", "load_results", "memory_breakdown", "run_experiment", "sweep"]
+__all__ = ["RunResult", "compare", "compose", "load_results", "memory_breakdown", "results_dir", "run_experiment",
+           "sweep"]
 
 
 def __getattr__(name: str) -> Any:

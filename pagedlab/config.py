@@ -96,6 +96,15 @@ class SamplingConfig:
 
 
 @dataclass
+class ReportConfig:
+    """What a sweep's comparison table shows (set by each conf/experiment/*.yaml): ``metrics``, its summary
+    columns ([]: the headline set), and ``by``, the keys its rows are grouped by ([]: the swept keys)."""
+
+    metrics: list[str] = field(default_factory=list)
+    by: list[str] = field(default_factory=list)
+
+
+@dataclass
 class PagedLabConfig:
     """Top-level schema; each group file merges into its node (typed for model, hardware and sampling;
     free-form for the parts, whose ``_target_`` classes check their own arguments)."""
@@ -109,6 +118,7 @@ class PagedLabConfig:
     workload: dict[str, Any] = field(default_factory=dict)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     logger: dict[str, Any] = field(default_factory=dict)
+    report: ReportConfig = field(default_factory=ReportConfig)  # the sweep table's metrics and keys
     block_size: int = 16
     cow: bool = True
     prefix_cache: bool = False

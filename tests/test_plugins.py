@@ -19,7 +19,7 @@ from pagedlab.experiment import build
 
 ROOT = Path(__file__).resolve().parents[1]
 PLUGINS = ROOT / "experiments" / "plugins"
-NOTEBOOK = ROOT / "experiments" / "plugins.ipynb"
+NOTEBOOK = ROOT / "experiments" / "your_own_part.ipynb"
 # a burst of 40 requests on 64 blocks of 16 tokens: the built-in paged allocator must preempt
 BURST = ["executor=sim", "model=opt_13b", "workload=uniform", "workload.num_requests=40",
          "kv_cache.num_blocks=64", "max_model_len=256", "logger=none"]
@@ -172,8 +172,8 @@ def test_worst_fit_takes_the_largest_run() -> None:
 
 # ------------------------------------------------------------------ the notebook
 def test_plugins_notebook_runs() -> None:
-    """Runs the notebook's code cells in one namespace (nbclient is not a dependency); the notebook asserts
-    its own counts."""
+    """Runs the notebook's code cells in one namespace at its default size and checks its tables (the notebook
+    asserts its own counts too); tests/test_notebooks.py runs it in a Jupyter kernel."""
     import matplotlib
 
     matplotlib.use("Agg")

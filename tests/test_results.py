@@ -10,7 +10,7 @@ import pytest
 
 from pagedlab.app import api
 from pagedlab.app.callbacks import summarize_sweep
-from pagedlab.app.results import compare, flatten, load_results, make_row
+from pagedlab.app.results import compare, flatten, format_compare, load_results, make_row
 from pagedlab.config import ConfigError
 from pagedlab.engine.result import MARKER, RunResult, check_run, config_hash
 
@@ -35,14 +35,46 @@ def test_sweep_runs_every_point_with_config_and_metrics(grid_df: pd.DataFrame, t
 
 
 def test_compare_groups_and_pivots(grid_df: pd.DataFrame) -> None:
-    table = compare(grid_df, by="allocator", metrics=["memory_waste", "time_source"])
-    assert list(table.index) == ["contiguous_max", "paged"]
-    assert table.loc["paged", "memory_waste"] < table.loc["contiguous_max", "memory_waste"]
-    assert table.loc["paged", "time_source"] == "modelled"
+    table = compare(grid_df, by=["allocator", "block_size"], metrics=["memory_waste", "time_source"])
+    assert list(table.index) == [("contiguous_max", 8), ("contiguous_max", 32), ("paged", 8), ("paged", 32)]
+    assert table.loc[("paged", 8), "memory_waste"] < table.loc[("contiguous_max", 8), "memory_waste"]
+    assert table.loc[("paged", 8), "time_source"] == "modelled"
+    assert "runs" not in table and "averaged_over" not in table  # one run per point, nothing averaged
     pivot = compare(grid_df, by="allocator", columns="block_size", metrics="memory_waste")
     assert pivot.shape == (2, 2) and pivot[("memory_waste", 8)].notna().all()
     with pytest.raises(KeyError, match="no column"):
         compare(grid_df, by="alocator")
+
+
+def test_compare_never_averages_silently_over_a_key_that_varies(grid_df: pd.DataFrame) -> None:
+    with pytest.warns(RuntimeWarning, match="block_size also varies within the groups of by=\\['allocator'\\]"):
+        grouped = compare(grid_df, by="allocator", metrics="memory_waste")
+    assert list(grouped.index.names) == ["allocator", "block_size"] and len(grouped) == 4
+    averaged = compare(grid_df, by="allocator", metrics="memory_waste", average_over="block_size")
+    assert list(averaged.index) == ["contiguous_max", "paged"]
+    assert averaged["averaged_over"].tolist() == ["block_size: 8, 32"] * 2 and averaged["runs"].tolist() == [2, 2]
+    paged = grid_df[grid_df["allocator"] == "paged"]["memory_waste"].mean()
+    assert averaged.loc["paged", "memory_waste"] == pytest.approx(paged)
+
+
+def test_compare_shows_the_spread_of_timed_metrics_over_repeats(grid_df: pd.DataFrame) -> None:
+    df = grid_df.assign(repeats=3, throughput_tok_s=100.0, throughput_tok_s_std=10.0, throughput_tok_s_min=90.0,
+                        throughput_tok_s_max=110.0)
+    table = compare(df, by=["allocator", "block_size"], metrics=["memory_waste", "throughput_tok_s"])
+    assert list(table.columns) == ["memory_waste", "throughput_tok_s", "throughput_tok_s_std", "throughput_tok_s_min",
+                                   "throughput_tok_s_max"]
+    assert table["throughput_tok_s_std"].tolist() == [10.0] * 4
+    text = format_compare(table)
+    assert "100 ± 10 (90–110)" in text and "throughput_tok_s_std" not in text
+    # two runs of one point: the spread of all their repeats (pooled), the range of both
+    two = pd.concat([df, df.assign(throughput_tok_s=120.0, throughput_tok_s_min=115.0, throughput_tok_s_max=125.0)])
+    pooled = compare(two, by=["allocator", "block_size"], metrics="throughput_tok_s")
+    values = [100.0 + d for d in (-10, 0, 10)] + [120.0 + d for d in (-10, 0, 10)]  # repeats with these means/stds
+    assert pooled["throughput_tok_s"].iloc[0] == pytest.approx(110.0) and pooled["runs"].iloc[0] == 2
+    assert pooled["throughput_tok_s_std"].iloc[0] == pytest.approx(pd.Series(values).std())
+    assert (pooled["throughput_tok_s_min"].iloc[0], pooled["throughput_tok_s_max"].iloc[0]) == (90.0, 125.0)
+    single = compare(grid_df, by=["allocator", "block_size"], metrics="throughput_tok_s")  # repeats=1: no spread
+    assert list(single.columns) == ["throughput_tok_s"]
 
 
 def test_sweep_from_a_composed_config_reloads_group_files() -> None:

@@ -26,7 +26,7 @@ def check_plan(cfg: DictConfig) -> None:
     (preset or the checkpoint's config.json), the hardware, the KV budget, the device, the kernel and
     the workload's requests. Raises ConfigError listing every problem; loads no weights, uses no network."""
     validate(cfg)
-    errors: list[str] = _parallel_seq_problems(cfg) + _objective_problems(cfg)
+    errors: list[str] = _parallel_seq_problems(cfg) + _objective_problems(cfg) + _report_problems(cfg)
     kv = _part_problems(cfg, errors)
     if errors:
         raise_problems(errors)  # the rules below assume the parts can be built
@@ -81,6 +81,32 @@ def _objective_problems(cfg: DictConfig) -> list[str]:
     if objective is None or objective in keys:
         return []
     return [f"objective={objective} is not allowed: expected a numeric summary key, one of {', '.join(keys)}"]
+
+
+def _report_problems(cfg: DictConfig) -> list[str]:
+    """``report.metrics`` must be summary keys, ``report.by`` group names or config keys."""
+    import difflib
+
+    from omegaconf import OmegaConf
+
+    from pagedlab.config import GROUPS
+    from pagedlab.experiment import summary_keys
+
+    report = cfg.get("report")
+    if report is None:
+        return []
+    errors = []
+    keys = summary_keys()
+    for m in report.get("metrics") or []:
+        if m not in keys:
+            close = difflib.get_close_matches(m, sorted(keys), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else f"; summary keys: {', '.join(sorted(keys))}"
+            errors.append(f"report.metrics: {m} is not allowed: expected a summary key{hint}")
+    for k in report.get("by") or []:
+        if k not in (*GROUPS, "experiment") and OmegaConf.select(cfg, k, default="<missing>") == "<missing>":
+            errors.append(f"report.by: {k} is not allowed: expected a group ({', '.join(GROUPS)}) or a config key "
+                          f"such as block_size or workload.request_rate")
+    return errors
 
 
 def _parallel_seq_problems(cfg: DictConfig) -> list[str]:

@@ -135,23 +135,233 @@ def headline_columns(df: pd.DataFrame) -> list[str]:
     return [m for m in HEADLINE if m in df.columns]
 
 
+def results_dir(start: str | Path | None = None) -> Path:
+    """The ``results/`` dir that CLI runs started from the project write to, wherever a notebook or script
+    is started: ``$PAGEDLAB_RESULTS`` if set, else the nearest ``results/`` in ``start`` (default: the current
+    dir) or one of its parents, else the source checkout's ``results/`` (next to its ``conf/``), else
+    ``./results`` (which may not exist yet)."""
+    import os
+
+    env = os.environ.get("PAGEDLAB_RESULTS")
+    if env:
+        return Path(env).expanduser()
+    here = Path(start or Path.cwd()).resolve()
+    for d in (here, *here.parents):
+        if (d / "results").is_dir():
+            return d / "results"
+    from pagedlab.config import config_dir
+
+    checkout = config_dir().parent
+    if (checkout / "pyproject.toml").is_file():  # an editable install: the repo next to the package
+        return checkout / "results"
+    return here / "results"
+
+
+# -- comparing runs ---------------------------------------------------------------------------------------
+META = ("run_dir", "job", "overrides", "status", "error")
+
+
+def metric_names() -> set[str]:
+    """Every summary key (what a run measured, not how it was configured); ``block_size`` and ``repeats`` are
+    config keys too (a row holds their config value)."""
+    from pagedlab.experiment import summary_keys
+
+    return summary_keys() - {"block_size", "repeats"}
+
+
+def timed_metrics() -> tuple[str, ...]:
+    from pagedlab.experiment import TIMED_KEYS
+
+    return TIMED_KEYS
+
+
+def _hashable(s: pd.Series) -> pd.Series:
+    if s.map(lambda v: isinstance(v, (list, dict, set, tuple)) or hasattr(v, "__array__")).any():
+        return s.map(lambda v: json.dumps(list(v) if hasattr(v, "__array__") or isinstance(v, (set, tuple)) else v,
+                                          default=str))
+    return s
+
+
+def key_columns(df: pd.DataFrame) -> list[str]:
+    """The columns that say which point a run is (group choices, swept and config keys): every column that
+    is neither a summary metric nor run bookkeeping (``run_dir``, ``job``, ``overrides``, ``status``, ``error``)."""
+    metrics = metric_names()
+    return [c for c in df.columns if c not in META and c not in metrics]
+
+
+def swept_keys(df: pd.DataFrame) -> list[str]:
+    """The keys the runs' overrides set, in the order they first appear (``hydra.*`` left out)."""
+    if "overrides" not in df:
+        return []
+    keys: dict[str, None] = {}
+    for text in df["overrides"].dropna():
+        for ov in str(text).split():
+            if "=" in ov and not override_key(ov).startswith("hydra"):
+                keys[override_key(ov)] = None
+    return [k for k in keys if k in df.columns]
+
+
+def varying_within(df: pd.DataFrame, by: Sequence[str], candidates: Sequence[str]) -> list[str]:
+    """The ``candidates`` that take more than one value within some group of rows equal in ``by``."""
+    if df.empty:
+        return []
+    if not by:
+        return [c for c in candidates if df[c].nunique(dropna=False) > 1]
+    g = df.groupby(list(by), dropna=False, sort=False)
+    return [c for c in candidates if (g[c].nunique(dropna=False) > 1).any()]
+
+
+def also_varying(df: pd.DataFrame, by: Sequence[str], exclude: Sequence[str] = ()) -> list[str]:
+    """The keys besides ``by`` that vary within its groups, fewest first: one at a time, the swept keys (in
+    their order) before group choices before dotted config keys, until no other key varies. A key that only
+    varies with one already taken (``sampling.n`` with ``sampling``) is not added."""
+    swept = swept_keys(df)
+    cands = [c for c in key_columns(df) if c not in by and c not in exclude]
+    kf = pd.DataFrame({c: _hashable(df[c]) for c in dict.fromkeys([*by, *cands])}, index=df.index)
+    extra: list[str] = []
+    while True:
+        vary = varying_within(kf, [*by, *extra], [c for c in cands if c not in extra])
+        if not vary:
+            return extra
+        extra.append(min(vary, key=lambda c: (0, swept.index(c), c) if c in swept
+                         else (1 if "." not in c else 2, len(c), c)))
+
+
+def _pooled(group: pd.DataFrame, m: str) -> tuple[float, float, float]:
+    """(std, min, max) of every repeat of a group's runs: the sample standard deviation pooled from each
+    run's mean and standard deviation over its ``repeats``, and the smallest and largest value."""
+    import math
+
+    r = pd.to_numeric(group.get("repeats", pd.Series(1, index=group.index)), errors="coerce").fillna(1)
+    mean, std = group[m].astype(float), group[f"{m}_std"].astype(float).fillna(0.0)
+    n = float(r.sum())
+    lo = group[f"{m}_min"].astype(float).min() if f"{m}_min" in group else mean.min()
+    hi = group[f"{m}_max"].astype(float).max() if f"{m}_max" in group else mean.max()
+    if n <= 1:
+        return float("nan"), lo, hi
+    grand = float((r * mean).sum() / n)
+    ss = float(((r - 1) * std**2).sum() + (r * (mean - grand) ** 2).sum())
+    return math.sqrt(ss / (n - 1)), lo, hi
+
+
+def has_spread(df: pd.DataFrame, metric: str) -> bool:
+    """Whether the runs measured a spread of ``metric``: a timed metric of some run with ``repeats`` > 1."""
+    if metric not in timed_metrics() or f"{metric}_std" not in df or "repeats" not in df:
+        return False
+    return bool((pd.to_numeric(df["repeats"], errors="coerce").fillna(1) > 1).any())
+
+
 def compare(df: pd.DataFrame, by: str | Sequence[str], metrics: str | Sequence[str] | None = None,
-            columns: str | None = None, agg: str = "mean") -> pd.DataFrame:
-    """Metrics grouped by the ``by`` columns (choices such as ``allocator`` or config keys such as
-    ``block_size``), aggregated with ``agg`` over repeats; ``columns`` pivots one key into columns."""
+            columns: str | None = None, agg: str = "mean", average_over: str | Sequence[str] = (),
+            warn: bool = True) -> pd.DataFrame:
+    """Metrics of the runs grouped by the ``by`` columns (choices such as ``allocator``, config keys such
+    as ``block_size``); ``columns`` pivots one more key into columns. Failed runs are left out.
+
+    Never averages silently over a key that varies: any other key (group choice or config key) that
+    takes several values within a group is grouped by too, with a warning naming it (``warn=False``:
+    no warning), unless it is in ``average_over``: then the group's runs are averaged with ``agg`` on
+    purpose and the ``averaged_over`` column says over which values. Runs of the same point are
+    aggregated with ``agg``; a ``runs`` column counts them when a group holds more than one. Timed
+    metrics of runs with ``repeats`` > 1 come with ``<metric>_std``, ``_min`` and ``_max`` over every
+    repeat of the group (the standard deviation pooled from the runs' means and spreads);
+    :func:`format_compare` shows them as ``mean ± std (min–max)``."""
     by = [by] if isinstance(by, str) else list(by)
-    metrics = [metrics] if isinstance(metrics, str) else list(metrics or headline_columns(df))
-    missing = [c for c in [*by, *metrics, *([columns] if columns else [])] if c not in df.columns]
+    average_over = [average_over] if isinstance(average_over, str) else list(average_over)
+    metrics = list(dict.fromkeys([metrics] if isinstance(metrics, str) else list(metrics or headline_columns(df))))
+    missing = [c for c in [*by, *metrics, *average_over, *([columns] if columns else [])] if c not in df.columns]
     if missing:
         raise KeyError(f"compare: no column {missing}; available: {', '.join(map(str, df.columns))}")
-    numeric = [m for m in metrics if pd.api.types.is_numeric_dtype(df[m])]
-    if columns:
-        return df.pivot_table(index=by, columns=columns, values=numeric, aggfunc=agg, sort=True)
-    table = df.groupby(by, sort=True, dropna=False)[numeric].agg(agg)
+    data = df.reset_index(drop=True)  # one label per run (a concatenation of tables repeats labels)
+    if "status" in data:
+        failed = int((data["status"] != "finished").sum())
+        data = data[data["status"] == "finished"]
+        if failed and warn:
+            warnings.warn(f"compare: {failed} failed run{'s' * (failed != 1)} left out", RuntimeWarning, stacklevel=2)
+    pivot = [columns] if columns else []
+    extra = also_varying(data, [*by, *pivot], exclude=average_over)
+    if extra and warn:
+        warnings.warn(f"compare: {', '.join(extra)} also var{'y' if len(extra) > 1 else 'ies'} within the groups "
+                      f"of by={by}: grouped by "
+                      f"{'them' if len(extra) > 1 else 'it'} too (average_over={extra} averages over "
+                      f"{'them' if len(extra) > 1 else 'it'} on purpose)", RuntimeWarning, stacklevel=2)
+    keys = [*by, *extra, *pivot]
+    work = pd.DataFrame({c: _hashable(data[c]) for c in dict.fromkeys([*keys, *average_over])}, index=data.index)
+    numeric = [m for m in metrics if pd.api.types.is_numeric_dtype(data[m])]
+    spread = [m for m in numeric if has_spread(data, m)]
+    values = list(dict.fromkeys([*numeric, *(f"{m}{s}" for m in spread for s in ("_std", "_min", "_max")
+                                             if f"{m}{s}" in data), *(["repeats"] if spread else [])]))
+    work = work.join(data[[c for c in values if c not in work]])
+    g = work.groupby(keys, sort=True, dropna=False)
+    table = g[numeric].agg(agg)
+    groups = list(g)  # (key, rows) in the table's order
+    for m in spread:
+        stats = [_pooled(rows, m) for _, rows in groups]
+        for i, s in enumerate(("std", "min", "max")):
+            table[f"{m}_{s}"] = [st[i] for st in stats]
     for m in metrics:  # non-numeric metrics (time_source): the group's distinct values
         if m not in numeric:
-            table[m] = df.groupby(by, sort=True, dropna=False)[m].agg(lambda s: ",".join(sorted(set(map(str, s)))))
+            table[m] = [",".join(sorted(set(map(str, data.loc[rows.index, m])))) for _, rows in groups]
+    table = table[[c for m in metrics for c in (m, *(f"{m}_{s}" for s in ("std", "min", "max") if m in spread))]]
+    counts = g.size()
+    if (counts > 1).any():
+        table["runs"] = counts
+    if average_over:
+        table["averaged_over"] = ["; ".join(f"{k}: {', '.join(map(format_value, sorted(set(rows[k]), key=_order)))}"
+                                            for k in average_over) for _, rows in groups]
+    if columns:
+        table = table.unstack(columns)
     return table
+
+
+def _order(v: Any) -> tuple:
+    return (0, v, "") if isinstance(v, (int, float)) and not isinstance(v, bool) else (1, 0, str(v))
+
+
+def format_value(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def spread_text(mean: Any, std: Any, lo: Any = None, hi: Any = None) -> str:
+    """``1975 ± 40 (1930–2010)``: a timed figure with its spread over repeats (range left out if unknown)."""
+    import math
+
+    text = format_value(mean)
+    if isinstance(std, (int, float)) and not math.isnan(std):
+        text += f" ± {_two_digits(std)}"
+        if isinstance(lo, (int, float)) and isinstance(hi, (int, float)) and not (math.isnan(lo) or math.isnan(hi)):
+            text += f" ({lo:.4g}–{hi:.4g})"
+    return text
+
+
+def _two_digits(v: float) -> str:
+    """Two significant digits, without an exponent for the sizes a spread has: 150, 1.5, 0.013."""
+    import math
+
+    if v == 0 or not math.isfinite(v) or abs(v) < 1e-4:
+        return f"{v:.2g}"
+    digits = 1 - math.floor(math.log10(abs(v)))
+    return f"{round(v, digits):.{max(digits, 0)}f}"
+
+
+def with_spread_text(table: pd.DataFrame) -> pd.DataFrame:
+    """``table`` (from :func:`compare`, not pivoted) with each metric that has ``_std``/``_min``/``_max``
+    columns shown as one text column ``mean ± std (min–max)`` and the spread columns dropped."""
+    out = table.copy()
+    for col in [c for c in table.columns if isinstance(c, str) and f"{c}_std" in table.columns]:
+        lo, hi = table.get(f"{col}_min"), table.get(f"{col}_max")
+        out[col] = [spread_text(m, s, lo.iloc[i] if lo is not None else None, hi.iloc[i] if hi is not None else None)
+                    for i, (m, s) in enumerate(zip(table[col], table[f"{col}_std"]))]
+        out = out.drop(columns=[c for c in (f"{col}_std", f"{col}_min", f"{col}_max") if c in out])
+    return out
+
+
+def format_compare(table: pd.DataFrame) -> str:
+    """:func:`compare`'s table as plain text: the group keys as columns, floats to 4 significant digits,
+    timed metrics with a spread as ``mean ± std (min–max)``."""
+    flat = with_spread_text(table).reset_index()
+    return flat.to_string(index=False, float_format=lambda v: f"{v:.4g}")
 
 
 def format_table(df: pd.DataFrame, columns: Sequence[str]) -> str:

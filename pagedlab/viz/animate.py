@@ -21,6 +21,9 @@ class HTML(str):
     def _repr_html_(self) -> str:
         return str(self)
 
+    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:  # IPython's text/plain: not the whole page again
+        printer.text(f"<animation: {len(self) / 1e6:.1f} MB of HTML>")
+
 
 def animate_block_tables(snapshots: Sequence[BlockSnapshot], interval: int = 400, *, max_seqs: int = 32,
                          arrows: bool | None = False, dpi: int = 80) -> Any:

@@ -113,8 +113,12 @@ def plot_latency(source: Any, metrics: Sequence[str] = ("ttft", "tpot", "normali
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7, loc="lower right" if kind == "ecdf" else "upper right")
         ax.set_title(PANEL.get(metric, metric), fontsize=9)
+    sources = {str(c.get("time_source")) for _, c in runs.values() if c.get("time_source")}
+    names = {"wall": "wall-clock time", "modelled": "modelled time"}
+    clock = "mixed time sources" if len(sources) > 1 else "".join(names.get(s, f"{s} time") for s in sources)
     what = title or (f"Latency distributions of finished {'requests' if rows == 'request' else 'sequences'}"
-                     f" ({', '.join(f'{c}' for c in sorted(set(counts)))} per run)" if counts else "Latency")
+                     f" ({', '.join(f'{c}' for c in sorted(set(counts)))} per run"
+                     f"{', ' + clock if clock else ''})" if counts else "Latency")
     axes[0].figure.suptitle(titled(what, ctx, skip=differ), fontsize=10)
     axes[0].figure.tight_layout()
     return axes
