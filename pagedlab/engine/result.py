@@ -54,8 +54,16 @@ class RunResult:
         return out
 
     def __repr__(self) -> str:
-        head = ", ".join(f"{k}={_fmt(self.summary.get(k))}" for k in HEADLINE if k in self.summary)
-        return f"RunResult({head}; steps={len(self.steps)}, sequences={len(self.requests)})"
+        s = self.summary
+        repeats = int(s.get("repeats", 1) or 1)
+
+        def shown(k: str) -> str:  # a timed key measured over repeats carries its spread
+            std = s.get(f"{k}_std")
+            return f"{_fmt(s[k])} ± {std:.2g}" if repeats > 1 and isinstance(std, float) else _fmt(s[k])
+
+        head = ", ".join(f"{k}={shown(k)}" for k in HEADLINE if k in s)
+        more = f", repeats={repeats}" if repeats > 1 else ""
+        return f"RunResult({head}; steps={len(self.steps)}, sequences={len(self.requests)}{more})"
 
     def _repr_html_(self) -> str:
         table = pd.Series(self.summary, name="value").to_frame().to_html()
