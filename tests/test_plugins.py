@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from omegaconf import OmegaConf
 
@@ -191,12 +192,30 @@ def test_plugins_notebook_runs() -> None:
 
 
 # ------------------------------------------------------------------ the kernel
+TINY_TORCH = ["executor=torch", "model=tiny_llama", "device=cpu", "workload.num_requests=4",
+              "workload.prompt_len=[4,12]", "workload.output_len=[4,10]", "kv_cache.num_blocks=16", "block_size=4",
+              "max_model_len=32", "warmup_requests=0", "logger=none"]
+
+
+def test_cli_runs_the_plugin_kernel_with_the_same_tokens(tmp_path: Path) -> None:
+    """The user's kernel, chosen from their config dir, generates what pagedlab's gather kernel does (greedy)."""
+    tokens = {}
+    for kernel in ("reference", "torch_gather"):
+        run = tmp_path / kernel
+        proc = cli(tmp_path, *TINY_TORCH, f"kernel={kernel}", f"hydra.run.dir={run}")
+        assert proc.returncode == 0, f"{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
+        config = json.loads((run / "config.json").read_text())
+        df = pd.read_parquet(run / "requests.parquet").sort_values(["request_id", "seq_index"])
+        tokens[kernel] = [list(t) for t in df["output_token_ids"]]
+        assert len(tokens[kernel]) == 4 and config["kernel"]["name"] == kernel
+    assert config["kernel"]["_target_"] == "pagedlab.kernels.torch_gather.TorchGatherKernel"
+    assert tokens["reference"] == tokens["torch_gather"]
+
+
 def _gather_kernel():
     from pagedlab import kernels
 
-    if not hasattr(kernels, "AttentionKernel"):
-        pytest.skip("pagedlab.kernels has no AttentionKernel / TorchGatherKernel yet (kernels branch not "
-                    "merged); experiments/plugins/pagedlab_plugins/kernels.py subclasses TorchGatherKernel")
+    assert hasattr(kernels, "AttentionKernel")  # the protocol the plug-in kernel implements
     from pagedlab.kernels.torch_gather import TorchGatherKernel
 
     return TorchGatherKernel()
