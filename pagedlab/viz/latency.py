@@ -152,12 +152,9 @@ def _override_keys(df: pd.DataFrame) -> list[str]:
 
 def varying_keys(df: pd.DataFrame, by: Sequence[str], candidates: Sequence[str]) -> list[str]:
     """The ``candidates`` that take more than one value within some group of rows equal in ``by``."""
-    if df.empty:
-        return []
-    if not by:
-        return [c for c in candidates if df[c].nunique(dropna=False) > 1]
-    g = df.groupby(list(by), dropna=False, sort=False)
-    return [c for c in candidates if (g[c].nunique(dropna=False) > 1).any()]
+    from pagedlab.app.results import varying_within
+
+    return varying_within(df, by, candidates)
 
 
 def _preference(col: str, overridden: Sequence[str]) -> tuple[int, int, str]:
