@@ -174,8 +174,12 @@ def build_metadata(
     slots = list(slot_mapping)
     ids = list(input_ids) if input_ids is not None else []
     pos = list(positions) if positions is not None else []
-    # int64 part: slots, last rows, ids, positions, table updates; int32 part: tables, context lens, starts
-    packed = to_device(slots + [q - 1 for q in starts[1:]] + ids + pos + update + flat + clens + starts,
+    # int64 part: slots, last rows, ids, positions, table updates; int32 part: tables, context lens, starts,
+    # each int32 field starting on 16 bytes (4 ints) so Triton sees the same pointer alignment every step
+    # (a kernel specialised on it would compile another variant when it changes)
+    flat += [0] * (-len(flat) % 4)
+    clens_padded = clens + [0] * (-s % 4)
+    packed = to_device(slots + [q - 1 for q in starts[1:]] + ids + pos + update + flat + clens_padded + starts,
                        torch.long, torch.device(device))
     t, a = len(slots), len(slots) + s
     n64 = a + len(ids) + len(pos) + len(update)
@@ -189,7 +193,7 @@ def build_metadata(
         slot_mapping=i64[:t],
         block_tables=tables,
         context_lens=i32[len(flat) : len(flat) + s],
-        query_start=i32[len(flat) + s :],
+        query_start=i32[len(flat) + len(clens_padded) :],
         last_rows=i64[t:a],
         query_lens_list=qlens,
         context_lens_list=clens,
