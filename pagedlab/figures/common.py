@@ -132,7 +132,8 @@ def add_footnote(fig: Any, notes: Sequence[str]) -> None:
     text_in = (len(lines) + 0.8) * FOOTNOTE_SIZE * 1.35 / 72
     fig.text(0.01, 0.005, "\n".join(lines), fontsize=FOOTNOTE_SIZE, va="bottom", ha="left", family="monospace",
              color="#333333")
-    fig.tight_layout(rect=(0, min(0.6, text_in / height_in), 1, 1))
+    top = 1 - 0.3 / height_in if fig._suptitle is not None else 1  # room for the figure's title
+    fig.tight_layout(rect=(0, min(0.6, text_in / height_in), 1, top))
 
 
 def log_axis(ax: Any, axis: str = "y") -> None:

@@ -100,7 +100,7 @@ def settings_ours(today: bool, rate: float, num_requests: int) -> list[str]:
            (f"(b) ShareGPT-like, {rate:g} req/s x {num_requests} requests (paper: its rate is not given in the text), "
            "4 GiB of host swap space"), common.batching_note(today)]
     if today:
-        out.insert(0, "today's scale, ours: Llama 3 8B (GQA) on one H100-80GB with an 8 GiB KV budget, 256-token "
+        out.insert(0, "today's scale: Llama 3 8B (GQA) on one H100-80GB with an 8 GiB KV budget, 256-token "
                       "shared system prompt, prefix cache on")
     else:
         out.insert(0, "KV slots as in the paper's Table 1")
@@ -118,8 +118,8 @@ def plot(data: pd.DataFrame, today: bool, model: str, hardware: str, rate: float
     ax = axes[0][0]
     m = data[data["part"] == "microbenchmark"].sort_values("block_size")
     for key, name, colour in (("recompute_s", "recompute", COLOURS["recompute"]),
-                              ("swap_out_s", "swap out", COLOURS["swap_out"]),
                               ("swap_in_s", "swap in", COLOURS["swap_in"]),
+                              ("swap_out_s", "swap out (= swap in)", COLOURS["swap_out"]),
                               ("swap_in_out_s", "swap in + out", COLOURS["swap"])):
         ax.plot(m["block_size"], m[key] * 1e3, "--" if key == "swap_out_s" else "o-", ms=3, color=colour, label=name)
     ax.axvspan(min(FIG19_COMPARABLE_AT) / 1.25, max(FIG19_COMPARABLE_AT) * 1.25, color="#55a868", alpha=0.15,

@@ -68,9 +68,9 @@ def run(small: bool = False, today: bool = False) -> common.FigureOutput:
 def settings_ours(today: bool, num_requests: int) -> list[str]:
     out = [f"{num_requests} ShareGPT-like requests all arriving at t=0 (the paper measured while serving its trace)",
            "synthetic lengths fitted to the paper's means (161 in / 338 out)",
-           "shares averaged over the decode steps in which requests waited for memory", common.batching_note(today)]
+           "shares averaged over the decode steps in which requests waited to be admitted", common.batching_note(today)]
     if today:
-        out.insert(0, "today's scale, ours: Llama 3 8B (GQA) on one H100-80GB (default KV budget), max_model_len 8192, "
+        out.insert(0, "today's scale: Llama 3 8B (GQA) on one H100-80GB (default KV budget), max_model_len 8192, "
                       "max_num_seqs 1024, 256-token shared system prompt (prefix cache on for vLLM)")
     else:
         out.insert(0, "12 GiB of KV cache, block size 16 (paper: about 12 GiB, Table 1)")
