@@ -118,3 +118,17 @@ def test_every_figure_is_listed_and_a_bad_name_is_refused(tmp_path: Path) -> Non
         run_figure("fig99", out=tmp_path)
     with pytest.raises(ValueError, match="no --today"):
         run_figure("kernels", today=True, out=tmp_path)
+
+
+def test_the_paper_batching_style_is_set_in_one_place_and_only_when_offered(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pagedlab.figures import common
+
+    assert common.PAPER_BATCHING == {"batching": "prefill_first"}
+    monkeypatch.setattr(common, "scheduler_has_batching_key", lambda: True)
+    assert "batching=prefill_first" in common.base_overrides("opt_13b", "a100_40gb", "sharegpt_like")
+    assert not any(o.startswith("batching=") for o in common.base_overrides("llama3_8b", "h100_80gb",
+                                                                          "sharegpt_like", today=True))
+    assert "prefill_first" in common.batching_note()
+    monkeypatch.setattr(common, "scheduler_has_batching_key", lambda: False)  # no key: the scheduler's one style
+    assert not any(o.startswith("batching=") for o in common.base_overrides("opt_13b", "a100_40gb", "sharegpt_like"))
+    assert "mixed" in common.batching_note()
