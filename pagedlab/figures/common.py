@@ -128,12 +128,13 @@ def add_footnote(fig: Any, notes: Sequence[str]) -> None:
     lines: list[str] = []
     for note in notes:
         lines += textwrap.wrap(note, width=width, subsequent_indent="   ")
-    height_in = fig.get_figheight()
     text_in = (len(lines) + 0.8) * FOOTNOTE_SIZE * 1.35 / 72
+    height_in = fig.get_figheight() + text_in  # the footnote adds to the figure; the axes keep their size
+    fig.set_figheight(height_in)
     fig.text(0.01, 0.005, "\n".join(lines), fontsize=FOOTNOTE_SIZE, va="bottom", ha="left", family="monospace",
              color="#333333")
     top = 1 - 0.3 / height_in if fig._suptitle is not None else 1  # room for the figure's title
-    fig.tight_layout(rect=(0, min(0.6, text_in / height_in), 1, top))
+    fig.tight_layout(rect=(0, text_in / height_in, 1, top))
 
 
 def log_axis(ax: Any, axis: str = "y") -> None:

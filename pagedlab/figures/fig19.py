@@ -129,7 +129,7 @@ def plot(data: pd.DataFrame, today: bool, model: str, hardware: str, rate: float
     ax.set_xticks(list(m["block_size"]))
     ax.set_xticklabels([str(b) for b in m["block_size"]])
     ax.set_xlabel("block size (tokens)")
-    ax.set_ylabel(f"time for a {SEQ_TOKENS}-token sequence (ms)")
+    ax.set_ylabel(f"time, {SEQ_TOKENS}-token sequence (ms)")
     ax.set_title(f"(a) microbenchmark, {common.label(model, hardware)}", fontsize=9)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
