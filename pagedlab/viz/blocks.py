@@ -254,7 +254,7 @@ def draw_block_tables(snapshot: BlockSnapshot, ax: Any = None, *, layout: Layout
         Patch(facecolor="none", edgecolor=FORK_COLOUR, linewidth=2, linestyle="--", label="fork copy"),
         Patch(facecolor=HOST_COLOUR, label="swapped (host)"),
     ]
-    if snap.allocator != "paged":
+    if any(s.reservation is not None for s in snap.seqs):  # a contiguous layout reserves past its tables
         handles.insert(3, Patch(facecolor="#dddddd", edgecolor="#777777", hatch="//",
                                 label="reserved (contiguous)"))
     ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=7, frameon=False)
