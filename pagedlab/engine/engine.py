@@ -47,6 +47,7 @@ class Engine:
         self.scheduler = scheduler
         self.executor = executor
         self.sampler = sampler
+        self._plan_step = getattr(sampler, "plan_step", None)  # optional: a step's choices batched at once
         self.block_size = block_manager.block_size
         self.contiguous_kv = bool(getattr(block_manager, "contiguous_kv", False))
         self.wall = executor.time_source == "wall"
@@ -128,9 +129,8 @@ class Engine:
             out = self.executor.execute(StepInput(
                 model_input, sched.fork_copies, sched.swap_out, sched.swap_in, sched.cow_copies, self.contiguous_kv))
             self.sampler.begin_step(out.logits)
-            plan = getattr(self.sampler, "plan_step", None)  # optional: the step's choices batched at once
-            if plan is not None:
-                plan(sched)
+            if self._plan_step is not None:
+                self._plan_step(sched)
             step_time = out.time_s
         else:
             step_time = 0.0

@@ -137,19 +137,6 @@ def _hashable(s: pd.Series) -> pd.Series:
     return s
 
 
-def _override_keys(df: pd.DataFrame) -> list[str]:
-    from pagedlab.app.results import override_key
-
-    if "overrides" not in df:
-        return []
-    keys: dict[str, None] = {}
-    for text in df["overrides"].dropna():
-        for ov in str(text).split():
-            if "=" in ov:
-                keys[override_key(ov)] = None
-    return list(keys)
-
-
 def varying_keys(df: pd.DataFrame, by: Sequence[str], candidates: Sequence[str]) -> list[str]:
     """The ``candidates`` that take more than one value within some group of rows equal in ``by``."""
     from pagedlab.app.results import varying_within
@@ -209,7 +196,9 @@ def metric_vs_key(df: Any, metric: str, x: str, hue: str | Sequence[str] | None 
     cands = list(keys) if keys is not None else [c for c in data.columns if c not in META and c not in metrics]
     cands = [c for c in cands if c != x and c not in hue_keys and c not in average_over and c in data.columns]
     kf = pd.DataFrame({c: _hashable(data[c]) for c in dict.fromkeys([x, *hue_keys, *cands])}, index=data.index)
-    overridden = _override_keys(data)
+    from pagedlab.app.results import swept_keys
+
+    overridden = swept_keys(data)  # the keys the runs' overrides set, in order
     if hue is None:
         while True:
             vary = varying_keys(kf, [x, *hue_keys], [c for c in cands if c not in hue_keys])
