@@ -184,11 +184,16 @@ TIMED_KEYS = ("throughput_tok_s", "requests_per_s", "ttft_p50", "ttft_p99", "tpo
 SPREAD_SUFFIXES = ("_std", "_min", "_max")
 
 
+WARMUP_MAX_TOKENS = 16  # output tokens of a warm-up request: past the first few steps, decode repeats itself
+
+
 def warmup_requests(requests: list[Request], n: int) -> list[Request]:
-    """The first ``n`` requests of the workload (arrival order), all arriving at 0: the same shapes
-    (prompt and output lengths, sampling), batched together at once."""
+    """The first ``n`` requests of the workload (arrival order), all arriving at 0, batched together at
+    once: their prompts and sampling, with at most WARMUP_MAX_TOKENS output tokens each (the first
+    prefill and decode steps are the ones that pay first-call costs)."""
     first = sorted(requests, key=lambda r: r.arrival_time)[:n]
-    return [dataclasses.replace(r, arrival_time=0.0) for r in first]
+    return [dataclasses.replace(r, arrival_time=0.0, sampling=dataclasses.replace(
+        r.sampling, max_tokens=min(r.sampling.max_tokens, WARMUP_MAX_TOKENS))) for r in first]
 
 
 def aggregate(summaries: list[dict[str, Any]]) -> dict[str, Any]:

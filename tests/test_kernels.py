@@ -103,6 +103,31 @@ def test_gather_decode_zero_copy_runs(monkeypatch, bs, group, layout, min_tokens
     assert sum(rows.numel() for rows, *_ in chunks) == len(ctxs) - len(views)
 
 
+@pytest.mark.parametrize("cut_tokens", [1, 64, 1 << 30])
+def test_gather_decode_cuts_chunks_by_padding(monkeypatch, cut_tokens):
+    """Decode sequences of very different lengths are cut into chunks where the padding would cost more
+    than a chunk (CUT_TOKENS): every sequence lands in exactly one chunk, each chunk is as wide as its
+    longest sequence, and the result matches SDPA on contiguous K/V (with and without a window)."""
+    from pagedlab.kernels import torch_gather
+
+    monkeypatch.setattr(torch_gather, "CUT_TOKENS", {"cpu": cut_tokens, "cuda": cut_tokens})
+    monkeypatch.setattr(torch_gather, "VIEW_MIN_TOKENS", 1 << 30)
+    ctxs = [1000, 7, 300, 16, 1, 100, 257, 990, 33, 500]
+    check("torch_gather", [1] * len(ctxs), ctxs, 16, 2, 2, 64, seed=3)
+    check("torch_gather", [1] * len(ctxs), ctxs, 16, 2, 2, 64, window=40, seed=3)
+    kv, meta, *_ = make_batch([1] * len(ctxs), ctxs, 16, 2, 2, 64, 3)
+    _, chunks = torch_gather._decode_plan(meta, kv, None)
+    rows = sorted(r for chunk_rows, *_ in chunks for r in chunk_rows.tolist())
+    assert rows == list(range(len(ctxs)))
+    for chunk_rows, _, padded, _ in chunks:
+        assert padded == -(-max(ctxs[r] for r in chunk_rows.tolist()) // 16) * 16
+    expected = {1: len(set(-(-c // 16) for c in ctxs)), 1 << 30: 1}.get(cut_tokens)
+    if expected is not None:  # a cut at every new width, or never
+        assert len(chunks) == expected
+    else:
+        assert 1 < len(chunks) < len(ctxs)
+
+
 def test_gather_decode_runs_mixed_with_prefill():
     check("torch_gather", MIXED_Q, MIXED_C, 16, 2, 2, 64, layout="runs")
     check("torch_gather", MIXED_Q, MIXED_C, 16, 2, 2, 64, window=24, layout="mixed")
