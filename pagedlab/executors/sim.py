@@ -10,9 +10,9 @@ from __future__ import annotations
 from typing import Any
 
 from pagedlab.engine.sampler import SimSampler
+from pagedlab.errors import one_of
 from pagedlab.executors.base import StepInput, StepOutput
 from pagedlab.executors.cost_model import CostModel
-from pagedlab.errors import one_of
 from pagedlab.models.presets import HOST_OVERHEADS, HardwareSpec, ModelSpec
 
 

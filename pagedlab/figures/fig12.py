@@ -78,7 +78,7 @@ def search(s: Setting, today: bool, rel_tol: float, min_requests: int) -> tuple[
                          "system": system, "rate": rate, "num_requests": n,
                          "normalized_latency": summary["normalized_latency_mean"],
                          "batch_size_mean": summary["batch_size_mean"],
-                         "num_preemptions": summary["num_preemptions"]})
+                         "num_preemptions": summary["num_preemptions"], "ttft_p50": summary["ttft_p50"]})
             return float(summary["normalized_latency_mean"])
         return latency
 
