@@ -21,7 +21,7 @@ DURATION_S = 600  # ours (the paper: 1-hour traces)
 # 0.88 of it. Orca, memory-bound at both rates, batches the same at both
 NEAR_KNEE_RATE = 2.2
 # today's scale (ours): as fig12 --today, at the same share of vLLM's knee there as 2 req/s is of vLLM's knee
-# for OPT-13B here (0.74 x 43 requests/s)
+# for OPT-13B here (0.74 x 43 requests/s, its latency knee; fig12 --today)
 TODAY_SETTING = ("llama3_8b", "h100_80gb", "sharegpt_like")
 TODAY_EXTRA = ("max_model_len=8192", "max_num_seqs=1024", "workload.shared_prefix_len=256")
 TODAY_RATE = 32.0
