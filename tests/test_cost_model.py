@@ -159,3 +159,37 @@ def test_bench_compares_old_and_new_side_by_side(capsys: pytest.CaptureFixture[s
     out = capsys.readouterr().out
     assert "Vidur cross-check" in out and "old 35.0 ms" in out and "new 44.9 ms" in out
     assert out.count("seq-steps/s") >= 3
+
+
+def test_host_overhead_vllm_2023_adds_a_per_sequence_share() -> None:
+    """`executor.host_overhead=vllm_2023` (Vidur's profile of a 2023 vLLM engine): 2 ms a step + 0.171 ms a
+    sequence; the default ("preset") keeps the preset's fixed 2 ms."""
+    from pagedlab.models.presets import HOST_OVERHEADS
+
+    base = hardware_spec("a100_40gb")
+    assert base.with_host_overhead("preset") is base and base.seq_overhead_s == 0.0
+    paper = base.with_host_overhead("vllm_2023")
+    assert (paper.step_overhead_s, paper.seq_overhead_s) == HOST_OVERHEADS["vllm_2023"]
+    model = model_spec("opt_13b")
+    old, new = CostModel(model, base, 16), CostModel(model, paper, 16)
+    for batch in (1, 8, 64):
+        extra = new.breakdown(decode(batch, 100))["overhead"] - old.breakdown(decode(batch, 100))["overhead"]
+        assert extra == pytest.approx(0.171e-3 * batch)
+    assert new.step_time(StepInput(EMPTY)) == paper.step_overhead_s  # nothing per sequence with none
+    with pytest.raises(ValueError, match="host_overhead"):
+        base.with_host_overhead("bogus")
+
+
+def test_sim_backend_takes_the_host_overhead_from_the_executor_config() -> None:
+    from pagedlab.app.api import compose
+    from pagedlab.config import ConfigError
+    from pagedlab.experiment import run_experiment
+
+    common = ("executor=sim", "logger=none", "model=opt_13b", "workload=fixed", "workload.num_requests=8")
+    times = {}
+    for profile in ("preset", "vllm_2023"):
+        result = run_experiment(compose(*common, f"executor.host_overhead={profile}"), progress=False)
+        times[profile] = float(result.steps["step_time"].sum())
+    assert times["vllm_2023"] > times["preset"]  # same steps, each pays 0.171 ms per sequence more
+    with pytest.raises(ConfigError, match="host_overhead"):
+        run_experiment(compose(*common, "executor.host_overhead=bogus"), progress=False)

@@ -10,7 +10,8 @@ group (every GPU does its shard at the same time):
               KV write                          new tokens' K and V into the cache
               2 all-reduces (num_gpus > 1)      latency + 2 (n-1)/n * tokens * hidden bytes / link bw
   per step:   LM head on the last token of each sequence, a logits gather (num_gpus > 1),
-              block copies (one kernel), swaps (one host copy per block, K and V, per layer), a fixed overhead.
+              block copies (one kernel), swaps (one host copy per block, K and V, per layer), the host's
+              overhead (fixed, plus per sequence with ``HardwareSpec.seq_overhead_s``).
 
 KV reads are slower when paged, and more so with small blocks: ``paged_kv_overhead(block_size)``. Every
 constant, its source, what is ours and the model's limits: docs/cost_model.md.
@@ -139,7 +140,8 @@ class CostModel:
         if blocks:
             calls = blocks if paged else _runs(step.swap_out) + _runs(step.swap_in)
             swap_time = calls * self.copies_per_block * hw.pcie_copy_latency_s + blocks * self.block_bytes / self.pcie
-        return gemm, elementwise, attention, lm_head, comm, copy_time, swap_time, hw.step_overhead_s
+        overhead = hw.step_overhead_s + hw.seq_overhead_s * num_seqs  # the host's share of the step
+        return gemm, elementwise, attention, lm_head, comm, copy_time, swap_time, overhead
 
     def breakdown(self, step: StepInput) -> dict[str, float]:
         """The step's time by part (seconds), e.g. ``{"gemm": ..., "attention": ..., ...}``."""

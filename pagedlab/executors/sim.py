@@ -10,9 +10,10 @@ from __future__ import annotations
 from typing import Any
 
 from pagedlab.engine.sampler import SimSampler
+from pagedlab.errors import one_of
 from pagedlab.executors.base import StepInput, StepOutput
 from pagedlab.executors.cost_model import CostModel
-from pagedlab.models.presets import HardwareSpec, ModelSpec
+from pagedlab.models.presets import HOST_OVERHEADS, HardwareSpec, ModelSpec
 
 
 class SimExecutor:
@@ -39,16 +40,19 @@ class SimExecutor:
 
 class SimBackend:
     """``executor=sim``: the model preset's shapes (or a checkpoint's config.json), costed on the ``hardware``
-    preset (all its GPUs); the default KV budget is their memory x ``kv_cache.gpu_memory_utilization`` -
-    weights (:func:`pagedlab.executors.cost_model.default_kv_budget_bytes`)."""
+    preset (all its GPUs), with the engine's host time per step of ``executor.host_overhead`` (a key of
+    :data:`pagedlab.models.presets.HOST_OVERHEADS`; ``preset`` when unset); the default KV budget is their
+    memory x ``kv_cache.gpu_memory_utilization`` - weights
+    (:func:`pagedlab.executors.cost_model.default_kv_budget_bytes`)."""
 
     simulated = True  # no tensors: the checks use the hardware preset, not a device
 
-    def __init__(self, cfg: Any) -> None:
+    def __init__(self, cfg: Any, host_overhead: str = "preset") -> None:
         from pagedlab.experiment import model_shapes, sim_budget, sim_hardware
 
         self.spec = model_shapes(cfg)
-        self.hardware = sim_hardware(cfg)
+        one_of("host_overhead", host_overhead, tuple(HOST_OVERHEADS))
+        self.hardware = sim_hardware(cfg).with_host_overhead(host_overhead)
         self.default_budget_bytes, self.budget_what = sim_budget(cfg, self.spec)
         self.eos_token_id = None
 

@@ -26,6 +26,11 @@ from pagedlab.figures.paper import HARDWARE_LABELS, MODEL_LABELS, WORKLOAD_LABEL
 # key); a scheduler without the key has one style only (mixed steps) and the figures run with it, which
 # every footnote then says. `--today` runs keep the scheduler's default (today's style).
 PAPER_BATCHING = {"batching": "prefill_first"}
+# The paper's engine's host time per step: vLLM's 2023 step loop ran scheduling, input preparation, sampling and
+# output processing (incremental detokenization of every sequence) on the CPU between GPU steps, so a step's host
+# time grew with its batch (`vllm_2023`: 2 ms + 0.171 ms a sequence, from Vidur's profile; docs/cost_model.md).
+# The Orca baselines ran in the same engine and pay the same. `--today` runs keep the preset's fixed 2 ms.
+PAPER_HOST_OVERHEAD = {"executor.host_overhead": "vllm_2023"}
 
 DPI = 100
 FOOTNOTE_SIZE = 7
@@ -40,23 +45,30 @@ def scheduler_has_batching_key() -> bool:
 
 
 def style_overrides(today: bool = False) -> list[str]:
-    """``batching=...`` for the paper's style when the scheduler offers it (never for ``--today``)."""
+    """``batching=...`` for the paper's style when the scheduler offers it, and the paper's engine's host
+    overhead (``executor.host_overhead``); neither for ``--today``."""
     from pagedlab.app.api import format_override
 
-    if today or not scheduler_has_batching_key():
+    if today:
         return []
-    return [format_override(k, v) for k, v in PAPER_BATCHING.items()]
+    host = [format_override(k, v) for k, v in PAPER_HOST_OVERHEAD.items()]
+    if not scheduler_has_batching_key():
+        return host
+    return [format_override(k, v) for k, v in PAPER_BATCHING.items()] + host
 
 
 def batching_note(today: bool = False) -> str:
-    """One line for the footnote: which batching style the runs used."""
+    """One line for the footnote: which batching style (and host overhead per step) the runs used."""
     if today:
-        return "batching: the scheduler's default (mixed prompt and decode steps, as engines run today)"
+        return ("batching: the scheduler's default (mixed prompt and decode steps, as engines run today); "
+                "host overhead: the preset's 2 ms a step")
+    host = ("; host overhead: executor.host_overhead=vllm_2023 (2 ms + 0.171 ms a sequence per step, "
+            "Vidur's profile of a 2023 vLLM engine)")
     if scheduler_has_batching_key():
         style = ", ".join(f"{k}={v}" for k, v in PAPER_BATCHING.items())
-        return f"batching: {style} (prompt-only and decode-only steps, as the paper's vLLM ran)"
+        return f"batching: {style} (prompt-only and decode-only steps, as the paper's vLLM ran)" + host
     return ("batching: mixed prompt and decode steps, the only style this scheduler has "
-            "(the paper's vLLM ran prompt-only steps first)")
+            "(the paper's vLLM ran prompt-only steps first)" + host)
 
 
 def base_overrides(model: str, hardware: str, workload: str, *extra: str, today: bool = False) -> list[str]:

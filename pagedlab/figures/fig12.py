@@ -2,9 +2,18 @@
 request rate each sustains.
 
 For each served system (OPT-13B on one A100-40GB, OPT-66B on four, OPT-175B on eight A100-80GB; Table 1) and
-each allocator, :func:`pagedlab.figures.knee.find_knee` finds the knee: the highest Poisson request rate whose
-mean normalized latency stays within ``LATENCY_FACTOR`` x vLLM's at light load (1/8 of the search's starting
-rate). The paper reports the ratio of sustained rates, vLLM over each Orca (§6.2).
+each allocator, :func:`pagedlab.figures.knee.find_knee` finds two knees, each the highest Poisson request rate
+under a bound set by vLLM at light load (1/8 of the search's starting rate), the same bound for the four systems:
+
+- ``queue``: the median time to first token stays within ``QUEUE_FACTOR`` x vLLM's at light load. The paper's
+  knee is where "the request rate surpasses the capacity of the serving system [and] the queue length continues
+  to grow infinitely" (§6.2); a growing queue shows first as waiting before the first token, which jumps from a
+  few steps to seconds within a few percent of the rate, so the bound's exact factor hardly matters.
+- ``latency``: the mean normalized latency stays within ``LATENCY_FACTOR`` x vLLM's at light load ("similar
+  normalized latency", §6.2). It also counts a latency that rises without a queue (larger, slower steps; with
+  prompt-only steps, prefills that stall the decodes), so it can come before the capacity.
+
+The paper reports the ratio of sustained rates, vLLM over each Orca (§6.2); both rules' ratios are kept.
 """
 
 from __future__ import annotations
@@ -20,7 +29,12 @@ from pagedlab.figures.knee import Knee, find_knee
 from pagedlab.figures.paper import FIG12_RATE_RATIO, SYSTEM_LABELS, TRACE_MINUTES
 
 SYSTEMS = ("paged", "orca_oracle", "orca_pow2", "orca_max")
-LATENCY_FACTOR = 2.0  # the knee: mean normalized latency at most this x vLLM's at light load
+RULES = ("queue", "latency")  # the knee rules (module doc); the first is the headline
+QUEUE_FACTOR = 10.0  # the queue knee: median TTFT at most this x vLLM's at light load (ours)
+LATENCY_FACTOR = 2.0  # the latency knee: mean normalized latency at most this x vLLM's at light load (ours)
+RULE_METRIC = {"queue": "ttft_p50", "latency": "normalized_latency_mean"}
+RULE_FACTOR = {"queue": QUEUE_FACTOR, "latency": LATENCY_FACTOR}
+RULE_LABELS = {"queue": "queue knee", "latency": "latency knee"}
 LIGHT_FRACTION = 1 / 8  # light load: this fraction of the search's starting rate
 COLOURS = {"paged": "#c44e52", "orca_oracle": "#4c72b0", "orca_pow2": "#55a868", "orca_max": "#8172b2"}
 
@@ -66,55 +80,67 @@ def point_overrides(s: Setting, system: str, rate: float, num_requests: int, tod
                                  today=today)
 
 
-def search(s: Setting, today: bool, rel_tol: float, min_requests: int) -> tuple[list[dict[str, Any]], dict[str, Knee]]:
-    """Every allocator's knee for one setting; rows of every evaluated point."""
-    rows: list[dict[str, Any]] = []
+def search(s: Setting, today: bool, rel_tol: float,
+           min_requests: int) -> tuple[list[dict[str, Any]], dict[tuple[str, str], Knee]]:
+    """Every allocator's knee by each rule for one setting (keyed (system, rule)); a row per evaluated point
+    (a point both rules evaluate runs once)."""
+    rows: dict[tuple[str, float], dict[str, Any]] = {}
 
-    def latency_of(system: str) -> Any:
-        def latency(rate: float) -> float:
+    def run_at(system: str, rate: float) -> dict[str, Any]:
+        rate = float(f"{rate:.6g}")  # the two rules' searches reach the same rates by different float paths
+        if (system, rate) not in rows:
             n = common.requests_for(rate, s.duration_s, min_requests)
             summary = common.run_point(point_overrides(s, system, rate, n, today))
-            rows.append({"row": "point", "model": s.model, "hardware": s.hardware, "workload": s.workload,
-                         "system": system, "rate": rate, "num_requests": n,
-                         "normalized_latency": summary["normalized_latency_mean"],
-                         "batch_size_mean": summary["batch_size_mean"],
-                         "num_preemptions": summary["num_preemptions"]})
-            return float(summary["normalized_latency_mean"])
-        return latency
+            rows[system, rate] = {"row": "point", "model": s.model, "hardware": s.hardware, "workload": s.workload,
+                                  "system": system, "rate": rate, "num_requests": n,
+                                  "normalized_latency": summary["normalized_latency_mean"],
+                                  "batch_size_mean": summary["batch_size_mean"],
+                                  "num_preemptions": summary["num_preemptions"], "ttft_p50": summary["ttft_p50"],
+                                  "normalized_latency_mean": summary["normalized_latency_mean"]}
+        return rows[system, rate]
 
     light = s.start * LIGHT_FRACTION
-    base = latency_of("paged")(light)
-    rows[-1]["row"] = "light_load"
-    threshold = LATENCY_FACTOR * base
-    knees: dict[str, Knee] = {}
-    for system in SYSTEMS:
-        # each Orca's search starts from below vLLM's knee: it sustains less
-        start = s.start if system == "paged" else knees["paged"].rate / (4 if system == "orca_max" else 2)
-        knees[system] = find_knee(latency_of(system), threshold, start, rel_tol=rel_tol)
-    for row in rows:
-        row["threshold"] = threshold
-    return rows, knees
+    base = run_at("paged", light)
+    thresholds = {rule: RULE_FACTOR[rule] * float(base[RULE_METRIC[rule]]) for rule in RULES}
+    knees: dict[tuple[str, str], Knee] = {}
+    for rule in RULES:
+        for system in SYSTEMS:
+            def metric(rate: float, system: str = system, rule: str = rule) -> float:
+                return float(run_at(system, rate)[RULE_METRIC[rule]])
+
+            # each Orca's search starts from below vLLM's knee: it sustains less
+            vllm = knees.get(("paged", rule))
+            start = s.start if vllm is None else vllm.rate / (4 if system == "orca_max" else 2)
+            knees[system, rule] = find_knee(metric, thresholds[rule], start, rel_tol=rel_tol)
+    out = list(rows.values())
+    out[0]["row"] = "light_load"
+    for row in out:
+        del row["normalized_latency_mean"]
+        row["threshold"] = thresholds["latency"]
+        row["ttft_threshold"] = thresholds["queue"]
+    return out, knees
 
 
 def run(small: bool = False, today: bool = False) -> common.FigureOutput:
     settings = (TODAY_SMALL if small else TODAY) if today else (SMALL if small else PAPER)
     rel_tol, min_requests = (0.25, 30) if small else (0.05, 100)
     rows: list[dict[str, Any]] = []
-    knees: dict[Setting, dict[str, Knee]] = {}
     for s in settings:
-        points, knees[s] = search(s, today, rel_tol, min_requests)
+        points, knees = search(s, today, rel_tol, min_requests)
         rows += points
-        for system, k in knees[s].items():
+        for (system, rule), k in knees.items():
             rows.append({"row": "knee", "model": s.model, "hardware": s.hardware, "workload": s.workload,
-                         "system": system, "knee_rate": k.rate, "over_rate": k.over, "threshold": k.threshold,
-                         "evaluations": k.evaluations})
-        for system in SYSTEMS[1:]:
-            lo, hi = FIG12_RATE_RATIO.get(system, (math.nan, math.nan))
-            if s.workload != "sharegpt_like" or today:
-                lo, hi = math.nan, math.nan  # the paper gives ratios for its ShareGPT runs only
-            rows.append({"row": "ratio", "model": s.model, "hardware": s.hardware, "workload": s.workload,
-                         "system": system, "ratio": knees[s]["paged"].rate / knees[s][system].rate,
-                         "paper_low": lo, "paper_high": hi})
+                         "system": system, "rule": rule, "knee_rate": k.rate, "over_rate": k.over,
+                         "threshold": k.threshold, "evaluations": k.evaluations})
+        for rule in RULES:
+            for system in SYSTEMS[1:]:
+                lo, hi = FIG12_RATE_RATIO.get(system, (math.nan, math.nan))
+                if s.workload != "sharegpt_like" or today:
+                    lo, hi = math.nan, math.nan  # the paper gives ratios for its ShareGPT runs only
+                rows.append({"row": "ratio", "model": s.model, "hardware": s.hardware, "workload": s.workload,
+                             "system": system, "rule": rule,
+                             "ratio": knees["paged", rule].rate / knees[system, rule].rate,
+                             "paper_low": lo, "paper_high": hi})
     scale = "today (ours)" if today else "paper"
     data = pd.DataFrame(rows)
     data.insert(0, "scale", scale)
@@ -132,8 +158,9 @@ def settings_ours(today: bool, settings: tuple[Setting, ...]) -> list[str]:
     out = [f"Poisson traces of {durations}"
            + ("" if today else f" (paper: {TRACE_MINUTES['opt_13b']} min, {TRACE_MINUTES['opt_175b']} min for OPT-175B)"),
            "synthetic lengths fitted to the paper's means (ShareGPT 161 in / 338 out, Alpaca 19 / 58)",
-           (f"knee rule: highest rate with mean normalized latency <= {LATENCY_FACTOR:g}x vLLM's at light load "
-           f"({LIGHT_FRACTION:g} of the search start), bisected in log rate"),
+           (f"knees, bisected in log rate, vs vLLM at light load ({LIGHT_FRACTION:g} of the search start): the "
+            f"queue knee, highest rate with median TTFT <= {QUEUE_FACTOR:g}x vLLM's; the latency knee, mean "
+            f"normalized latency <= {LATENCY_FACTOR:g}x vLLM's"),
            common.batching_note(today)]
     if today:
         out.insert(0, "today's scale: Llama 3 8B (GQA) on one H100-80GB, max_model_len 8192, max_num_seqs 1024, "
@@ -149,13 +176,14 @@ def notes(today: bool, settings: tuple[Setting, ...]) -> list[str]:
 
 def comparison(data: pd.DataFrame) -> pd.DataFrame:
     ratios = data[data["row"] == "ratio"]
-    knees = data[data["row"] == "knee"].set_index(["model", "workload", "system"])
+    knees = data[data["row"] == "knee"].set_index(["model", "workload", "system", "rule"])
     out = []
     for r in ratios.itertuples():
         paper = "" if math.isnan(r.paper_low) else f"{r.paper_low:g}-{r.paper_high:g}x"
-        vllm, other = knees.loc[(r.model, r.workload, "paged"), "knee_rate"], knees.loc[(r.model, r.workload,
-                                                                                          r.system), "knee_rate"]
-        out.append({"result": f"{common.label(r.model, workload=r.workload)}: vLLM / {SYSTEM_LABELS[r.system]}",
+        vllm = knees.loc[(r.model, r.workload, "paged", r.rule), "knee_rate"]
+        other = knees.loc[(r.model, r.workload, r.system, r.rule), "knee_rate"]
+        out.append({"result": f"{common.label(r.model, workload=r.workload)}: vLLM / {SYSTEM_LABELS[r.system]}, "
+                              f"{RULE_LABELS[r.rule]}",
                     "paper": paper, "pagedlab": f"{r.ratio:.2f}x ({vllm:.3g} / {other:.3g} req/s)"})
     return pd.DataFrame(out)
 
@@ -175,25 +203,34 @@ def plot(data: pd.DataFrame, settings: tuple[Setting, ...], today: bool) -> Any:
         for system in SYSTEMS:
             p = pts[pts["system"] == system].sort_values("rate")
             ax.plot(p["rate"], p["normalized_latency"], "o-", ms=3, color=COLOURS[system], label=SYSTEM_LABELS[system])
-            k = float(knees.loc[knees["system"] == system, "knee_rate"].iloc[0])
-            ax.axvline(k, color=COLOURS[system], ls=":", lw=1)
-        ax.axhline(threshold, color="black", ls="--", lw=0.8, label=f"knee threshold ({LATENCY_FACTOR:g}x light load)")
+            for rule, ls in (("queue", ":"), ("latency", (0, (1, 3)))):
+                k = knees[(knees["system"] == system) & (knees["rule"] == rule)]["knee_rate"]
+                ax.axvline(float(k.iloc[0]), color=COLOURS[system], ls=ls, lw=1.2 if rule == "queue" else 0.6)
+        ax.axhline(threshold, color="black", ls="--", lw=0.8,
+                   label=f"latency bound ({LATENCY_FACTOR:g}x light load)")
         ax.set_ylim(0, threshold * 5)
         ax.set_xlim(0, None)
         ax.set_xlabel("request rate (requests/s)")
         ax.set_ylabel("normalized latency (s/token)")
         ax.set_title(s.label, fontsize=9)
         ax.grid(alpha=0.3)
+    axes[0].plot([], [], color="grey", ls=":", lw=1.2, label=f"queue knee (median TTFT {QUEUE_FACTOR:g}x light load)")
+    axes[0].plot([], [], color="grey", ls=(0, (1, 3)), lw=0.6, label="latency knee")
     axes[0].legend(fontsize=7, loc="upper left")
     ax = axes[panels - 1]
     ratios = data[data["row"] == "ratio"]
     groups = [s for s in settings]
     width = 0.8 / (len(SYSTEMS) - 1)
     for j, system in enumerate(SYSTEMS[1:]):
-        vals = [float(ratios[(ratios["model"] == s.model) & (ratios["workload"] == s.workload)
-                             & (ratios["system"] == system)]["ratio"].iloc[0]) for s in groups]
+        def ratio(s: Setting, rule: str, system: str = system) -> float:
+            return float(ratios[(ratios["model"] == s.model) & (ratios["workload"] == s.workload)
+                                & (ratios["system"] == system) & (ratios["rule"] == rule)]["ratio"].iloc[0])
+
         xs = [i + (j - 1) * width for i in range(len(groups))]
-        ax.bar(xs, vals, width, color=COLOURS[system], label=f"vLLM / {SYSTEM_LABELS[system]}")
+        ax.bar(xs, [ratio(s, RULES[0]) for s in groups], width, color=COLOURS[system],
+               label=f"vLLM / {SYSTEM_LABELS[system]}")
+        ax.plot(xs, [ratio(s, RULES[1]) for s in groups], "k_", ms=9, mew=1.5,
+                label=RULE_LABELS[RULES[1]] if j == 0 else None)
         if system in FIG12_RATE_RATIO and not today:
             lo, hi = FIG12_RATE_RATIO[system]
             for x, s in zip(xs, groups):
@@ -205,7 +242,7 @@ def plot(data: pd.DataFrame, settings: tuple[Setting, ...], today: bool) -> Any:
     ax.set_xticklabels([common.label(s.model, workload=s.workload).replace(", ", "\n") for s in groups], fontsize=8)
     ax.axhline(1, color="black", lw=0.6)
     ax.set_ylabel("sustainable rate, vLLM / Orca (x)")
-    ax.set_title("sustainable-rate ratio", fontsize=9)
+    ax.set_title(f"sustainable-rate ratio (bars: {RULE_LABELS[RULES[0]]})", fontsize=9)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3, axis="y")
     fig.suptitle(("Fig. 12 at today's scale (ours, simulated)" if today else

@@ -73,7 +73,8 @@ class HardwareSpec:
     hbm_gb_s: float  # per GPU
     compute_efficiency: float = 0.7  # GEMMs and prefill attention
     bandwidth_efficiency: float = 0.75  # weight, activation and (paged, block 16) KV streaming
-    step_overhead_s: float = 2e-3  # scheduling, input preparation, sampling per engine step
+    step_overhead_s: float = 2e-3  # host time per engine step: scheduling, input preparation, sampling
+    seq_overhead_s: float = 0.0  # host time per sequence in a step (output processing); see HOST_OVERHEADS
     num_gpus: int = 1  # tensor-parallel degree: weights, heads and KV are split across the GPUs
     interconnect_gb_s: float = 0.0  # GPU-GPU link (NVLink), per GPU and direction; 0 with one GPU
     interconnect_efficiency: float = 0.8  # achievable fraction of interconnect_gb_s in a ring all-reduce
@@ -81,11 +82,26 @@ class HardwareSpec:
     pcie_gb_s: float = 25.0  # host <-> device, one direction, achievable with pinned memory
     pcie_copy_latency_s: float = 10e-6  # fixed cost of one host <-> device copy call (cudaMemcpyAsync)
 
+    def with_host_overhead(self, profile: str) -> HardwareSpec:
+        """This node with the engine's host time per step of ``profile`` (a key of ``HOST_OVERHEADS``)."""
+        if profile not in HOST_OVERHEADS:
+            raise ValueError(f"host_overhead={profile!r}; expected one of {sorted(HOST_OVERHEADS)}")
+        values = HOST_OVERHEADS[profile]
+        return self if values is None else replace(self, step_overhead_s=values[0], seq_overhead_s=values[1])
+
     @property
     def total_memory_gib(self) -> float:
         """Device memory of all GPUs together."""
         return self.memory_gib * self.num_gpus
 
+
+# The engine's host (CPU) time per step, (per step, per sequence in the step) in seconds; `executor.host_overhead`
+# picks one for `executor=sim`. "preset": the hardware preset's own (2 ms a step, nothing per sequence).
+# "vllm_2023": vLLM as it ran in 2023, whose host work (scheduling, input preparation, sampling, and output
+# processing with incremental detokenization) ran in the step loop and grew with the batch: a least-squares fit
+# of Vidur's profile of a vLLM-derived engine (Llama-2-7B, one A100, batch 8-64): 2.0 ms + 0.171 ms a sequence.
+# Sources: docs/cost_model.md.
+HOST_OVERHEADS: dict[str, tuple[float, float] | None] = {"preset": None, "vllm_2023": (2.0e-3, 0.171e-3)}
 
 MAX_LAYER_ELEMENTS = 2**31 - 1  # one layer's pool [2, blocks, block_size, kv_heads, D] stays int32-indexable
 
