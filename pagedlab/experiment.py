@@ -51,6 +51,7 @@ class Built:
     num_swap_blocks: int
     new_engine: Callable[[], Engine] | None = None  # fresh engine state (block manager, scheduler, sampler,
     # recorder) on the same executor: loaded weights and KV tensors are reused, block tables start empty
+    cpu_threads: int | None = None  # torch's CPU threads for a wall-clock run on the CPU
 
 
 def num_blocks_for(budget_bytes: float, block_size: int, kv_bytes_per_token: int, what: str) -> int:
@@ -146,12 +147,14 @@ def sampler_runtime_args(node: Any, seed: int, vocab_size: int, eos_token_id: in
     return args
 
 
-def build(cfg: Any) -> Built:
+def build(cfg: Any, cpu_threads: int | None = None) -> Built:
     """Instantiate every part the config names (``_target_``, see pagedlab/parts.py): the executor's backend
-    (model or its shapes), then per engine the allocator, preemption, scheduler and token sampler."""
+    (model or its shapes), then per engine the allocator, preemption, scheduler and token sampler.
+    ``cpu_threads`` is the default for an executor whose ``threads`` is null (a parallel sweep's share)."""
     block_size = int(cfg.block_size)
     max_model_len = int(_get(cfg, "max_model_len", 2048))
-    backend = instantiate_part(cfg.executor, "executor", cfg)
+    share = {"threads": cpu_threads} if cpu_threads and _get(cfg, "executor.threads", 0) is None else {}
+    backend = instantiate_part(cfg.executor, "executor", cfg, **share)
     spec = backend.spec
     num_blocks = kv_num_blocks(cfg, spec.kv_bytes_per_token, backend.default_budget_bytes, backend.budget_what)
     swap_gib = float(_get(cfg, "kv_cache.swap_gib", 0.0))
@@ -175,7 +178,8 @@ def build(cfg: Any) -> Built:
 
     engine = new_engine()
     requests = build_requests(cfg, spec.vocab_size, max_model_len)
-    return Built(engine, requests, spec, int(num_blocks), num_swap, new_engine)
+    return Built(engine, requests, spec, int(num_blocks), num_swap, new_engine,
+                 getattr(backend, "cpu_threads", None))
 
 
 # the summary keys measured on the clock: averaged over repeats, with a spread
@@ -218,14 +222,15 @@ def _same(a: Any, b: Any) -> bool:
     return a == b or (isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b))
 
 
-def run_experiment(cfg: Any, progress: bool = True,
-                   on_step: Callable[[dict[str, Any]], None] | None = None) -> RunResult:
+def run_experiment(cfg: Any, progress: bool = True, on_step: Callable[[dict[str, Any]], None] | None = None,
+                   cpu_threads: int | None = None) -> RunResult:
     """Run the workload the config describes; returns summary, per-step and per-sequence tables.
+    ``cpu_threads``: torch threads for an executor whose ``threads`` is null (see :func:`build`).
 
     Wall-clock runs first run ``warmup_requests`` requests through a fresh engine (untimed, reported
     as ``warmup_s``); the measured run is repeated ``repeats`` times on fresh engine state. The tables
     (and ``on_step``) are the first repeat's; the timed summary keys are means over the repeats."""
-    built = build(cfg)
+    built = build(cfg, cpu_threads)
     wall = built.engine.executor.time_source == "wall"
     repeats = int(_get(cfg, "repeats", 1))
     n_warm = int(_get(cfg, "warmup_requests", 4)) if wall else 0
@@ -256,13 +261,13 @@ def run_experiment(cfg: Any, progress: bool = True,
     result.summary = aggregate(summaries)
     result.summary.update(num_blocks=built.num_blocks, num_swap_blocks=built.num_swap_blocks,
                           block_size=int(cfg.block_size), kv_bytes_per_token=built.model.kv_bytes_per_token,
-                          warmup_s=warmup_s)
+                          warmup_s=warmup_s, cpu_threads=built.cpu_threads)
     result.config = _to_dict(cfg)
     return result
 
 
 RUN_SUMMARY_KEYS = ("num_blocks", "num_swap_blocks", "block_size", "kv_bytes_per_token", "warmup_s",
-                    "repeats")  # added above
+                    "cpu_threads", "repeats")  # added above
 SPREAD_KEYS = tuple(f"{k}{suffix}" for k in TIMED_KEYS for suffix in SPREAD_SUFFIXES)
 
 

@@ -16,6 +16,7 @@ results unless ``overwrite=true``; ``finished.json``, written last, marks its re
 from __future__ import annotations
 
 import logging
+import os
 import re
 import sys
 from pathlib import Path
@@ -76,6 +77,8 @@ def time_note(summary: dict[str, Any]) -> str:
     if source == "wall":
         if repeats == 1:
             parts.append("1 run")
+        if summary.get("cpu_threads"):
+            parts.append(f"{summary['cpu_threads']} CPU threads")
         warm = summary.get("warmup_s")
         parts.append(f"warm-up {warm:.2g} s excluded" if isinstance(warm, float) and warm > 0 else "no warm-up")
     return ", ".join(parts)
@@ -109,7 +112,7 @@ def _task(cfg: DictConfig, hc: Any) -> Any:
     group = dir_label(hc.sweep.dir if hc.mode == RunMode.MULTIRUN else run_dir)
     lock = claim_run_dir(run_dir, bool(cfg.get("overwrite", False)))
     try:
-        result = _run_and_save(cfg, run_dir, group, _run_name(hc), list(hc.overrides.task))
+        result = _run_and_save(cfg, run_dir, group, _run_name(hc), list(hc.overrides.task), cpu_share(hc))
     finally:
         lock.release()
     print(f"pagedlab: results in {run_dir} (time: {result.summary.get('time_source', '?')})\n"
@@ -123,14 +126,34 @@ def _task(cfg: DictConfig, hc: Any) -> Any:
     return result.summary
 
 
-def _run_and_save(cfg: DictConfig, run_dir: Path, group: str, name: str, overrides: list[str]) -> Any:
+def parallel_jobs(hc: Any) -> int:
+    """How many jobs of this sweep run at once on this machine: joblib's ``n_jobs`` (negative: cores + 1 +
+    n_jobs, as joblib counts), capped at the cores; 1 for any other launcher or a single run."""
+    cores = os.cpu_count() or 1
+    launcher = hc.get("launcher") or {}
+    n_jobs = launcher.get("n_jobs")
+    if hc.mode != RunMode.MULTIRUN or "joblib" not in str(launcher.get("_target_", "")) or not isinstance(n_jobs, int):
+        return 1
+    return max(1, min(cores, n_jobs if n_jobs > 0 else cores + 1 + n_jobs))
+
+
+def cpu_share(hc: Any) -> int | None:
+    """In a parallel joblib sweep, each job's share of the cores (jobs x all cores would oversubscribe
+    them, and torch's parallel ops stall on a busy core): the torch threads of a job whose
+    ``executor.threads`` is null; its summary's ``cpu_threads`` says what it ran with. None otherwise."""
+    jobs = parallel_jobs(hc)
+    return max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
+
+
+def _run_and_save(cfg: DictConfig, run_dir: Path, group: str, name: str, overrides: list[str],
+                  cpu_threads: int | None = None) -> Any:
     """Run, save atomically (marker last), then mirror to the logger, which never fails the run."""
     from pagedlab.experiment import run_experiment
 
     logger = make_logger(cfg, run_dir, group=group, name=name)
     exit_code = 1
     try:
-        result = run_experiment(cfg, progress=True, on_step=logger.log_step)
+        result = run_experiment(cfg, progress=True, on_step=logger.log_step, cpu_threads=cpu_threads)
         try:
             result.save(run_dir, overrides=overrides)
         except OSError as exc:

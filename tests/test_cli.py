@@ -80,6 +80,30 @@ def test_multirun_writes_summary_parquet(tmp_path: Path, launcher: str) -> None:
 
 
 @pytest.mark.slow
+def test_parallel_joblib_sweep_gives_each_torch_job_its_share_of_the_cores(tmp_path: Path) -> None:
+    """Two jobs at once on this machine: each runs with cores // 2 torch threads (at least 1), as its
+    summary says (its config keeps executor.threads=null, which asks for exactly this)."""
+    sweep_dir = tmp_path / "sweep"
+    ok(pagedlab(tmp_path, "-m", "executor=torch", "model=tiny_llama", "device=cpu", "workload.num_requests=2",
+                "workload.prompt_len=[4,8]", "workload.output_len=[2,4]", "logger=none", "block_size=8,16",
+                f"hydra.sweep.dir={sweep_dir}", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2"))
+    df = pd.read_parquet(sweep_dir / "summary.parquet")
+    share = max(1, (os.cpu_count() or 1) // 2)
+    assert df["status"].tolist() == ["finished", "finished"] and df["cpu_threads"].tolist() == [share, share]
+
+
+def test_executor_threads_is_checked_before_any_work_and_sets_torch_threads(tmp_path: Path) -> None:
+    proc = pagedlab(tmp_path, "executor=torch", "model=tiny_llama", "executor.threads=0", "logger=none")
+    assert proc.returncode == 2 and "executor.threads=0 is not allowed" in proc.stderr
+    assert not (tmp_path / "results").exists()
+    proc = ok(pagedlab(tmp_path, "executor=torch", "model=tiny_llama", "device=cpu", "executor.threads=1",
+                       "workload.num_requests=2", "workload.prompt_len=[4,8]", "workload.output_len=[2,4]",
+                       "logger=none"))
+    summary = json.loads(next((tmp_path / "results").glob("*/*/summary.json")).read_text())
+    assert summary["cpu_threads"] == 1 and "1 CPU threads" in proc.stdout
+
+
+@pytest.mark.slow
 def test_experiment_multirun_with_sweeper_params(tmp_path: Path) -> None:
     sweep_dir = tmp_path / "sweep"
     ok(pagedlab(tmp_path, "-m", "+experiment=memory_waste_breakdown", "workload.num_requests=20", "logger=none",

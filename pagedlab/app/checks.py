@@ -50,8 +50,9 @@ def _part_problems(cfg: DictConfig, errors: list[str]) -> Any:
     """Build the light parts as the run will (allocator at a nominal size, preemption, workload, sampler)
     and import the heavy ones (executor backend, logger), so bad arguments fail here, naming the field.
     Returns the nominal allocator (None if it could not be built)."""
+    from pagedlab.errors import BadArgument
     from pagedlab.experiment import kv_runtime_args
-    from pagedlab.parts import instantiate_part, locate
+    from pagedlab.parts import instantiate_part, locate, part_kwargs
 
     built = {}
     parts: list[tuple[str, Any, dict]] = [
@@ -66,9 +67,13 @@ def _part_problems(cfg: DictConfig, errors: list[str]) -> Any:
             errors.extend(exc.problems)
     for group in ("executor", "logger"):
         try:
-            locate(cfg[group], group)
+            check = getattr(locate(cfg[group], group), "check_arguments", None)
+            if check is not None:  # a heavy part may check its own arguments without being built
+                check(**part_kwargs(cfg[group]))
         except ConfigError as exc:
             errors.extend(exc.problems)
+        except BadArgument as exc:
+            errors.append(f"{group}.{exc}")
     return built.get("allocator")
 
 

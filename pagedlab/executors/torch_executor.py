@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from pagedlab.cfg_access import cfg_get
+from pagedlab.errors import BadArgument
 from pagedlab.executors.base import ModelInput, StepInput, StepOutput
 from pagedlab.kernels import AttentionKernel, KVCache, build_metadata
 from pagedlab.kernels.kv_cache import staging_bytes
@@ -239,19 +240,25 @@ class TorchBackend:
 
     Uses `model.{name,name_or_path,dtype,forward}`, `device`, `kernel` (built from its `_target_`),
     `kv_cache.{gpu_memory_utilization,cpu_budget_gib}`, `block_size` and `max_num_{batched_tokens,seqs}`,
-    `max_model_len` (for the memory reserved outside the pool). Tiny models are always built with
+    `max_model_len` (for the memory reserved outside the pool). Its own argument, `executor.threads`,
+    sets torch's CPU threads (null: torch's default, one per core; a parallel joblib sweep gives each job
+    its share, see `pagedlab.run`); the summary reports the count as `cpu_threads`. Tiny models are always built with
     seed 0, so `tiny_llama` names one fixed model whatever the workload seed.
     """
 
-    def __init__(self, cfg: Any) -> None:
+    def __init__(self, cfg: Any, threads: int | None = None) -> None:
         from pagedlab.parts import instantiate_part
 
+        self.check_arguments(threads=threads)
         get = partial(cfg_get, cfg)
         name, path = get("model.name", "tiny_llama"), get("model.name_or_path")
         if path is None and not name.startswith("tiny_"):
             raise ValueError(f"executor=torch with model={name} needs model.name_or_path (a local folder or hub "
                              "id); shape presets without weights run with executor=sim")
         self.device = device = resolve_device(get("device", "auto"))
+        if threads is not None and device.type == "cpu":
+            torch.set_num_threads(threads)
+        self.cpu_threads: int | None = torch.get_num_threads() if device.type == "cpu" else None
         node = get("kernel")
         self.kernel = kernel = instantiate_part(node, "kernel") if node is not None else TorchGatherKernel()
         warn_kernel(kernel, device)
@@ -281,6 +288,12 @@ class TorchBackend:
         if isinstance(eos, (list, tuple)):
             eos = eos[0] if eos else None
         self.eos_token_id: int | None = eos
+
+    @staticmethod
+    def check_arguments(threads: int | None = None, **_: Any) -> None:
+        """Refuse a bad ``executor.threads`` before any work (the preflight calls this too)."""
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+            raise BadArgument("threads", threads, "an integer >= 1, or null (torch's default: one per core)")
 
     def make_executor(self, num_blocks: int, block_size: int, num_swap_blocks: int) -> TorchExecutor:
         """An executor over a fresh KV pool of these sizes, on the model loaded once."""
