@@ -73,7 +73,9 @@ def synthetic_requests(name: str, num: int, *, seed: int, vocab_size: int, defau
                        prompt_len: tuple[int, int] = (16, 128), output_len: tuple[int, int] = (16, 128),
                        request_rate: float | None = None, shared_prefix_len: int = 0,
                        max_model_len: int = 2048) -> list[Request]:
-    """`num` requests with random prompt tokens; each request's max_tokens is its drawn output length."""
+    """`num` requests with random prompt tokens; each request's max_tokens is its drawn output length. The
+    ``shared_prefix_len``-token system prompt is part of each drawn prompt length: a prompt is the system
+    prompt then ``max(p - shared_prefix_len, 1)`` tokens of its own."""
     rng = np.random.default_rng(seed)
     prompts, outputs = draw_lengths(name, num, rng, prompt_len, output_len, max_model_len)
     arrivals = arrival_times(num, request_rate, rng)
