@@ -62,7 +62,8 @@ def run(small: bool = False, today: bool = False) -> common.FigureOutput:
         for b in sizes:
             s = common.run_point(overrides(workload, b, rate, num_requests, today))
             rows.append({"workload": workload, "block_size": b, "rate": rate, "num_requests": num_requests,
-                         "normalized_latency": s["normalized_latency_mean"], "batch_size_mean": s["batch_size_mean"],
+                         "normalized_latency": s["normalized_latency_mean"], "ttft_p50": s["ttft_p50"],
+                         "batch_size_mean": s["batch_size_mean"], "batch_size_max": s["batch_size_max"],
                          "num_preemptions": s["num_preemptions"], "num_blocks": s["num_blocks"]})
     data = pd.DataFrame(rows)
     model, hardware = TODAY_SETTING if today else PAPER_SETTING

@@ -68,6 +68,7 @@ def run(small: bool = False, today: bool = False) -> common.FigureOutput:
             s = common.run_point(e2e_overrides(mode, b, rate, num_requests, today))
             rows.append({"part": "end_to_end", "block_size": b, "eviction": mode, "rate": rate,
                          "num_requests": num_requests, "normalized_latency": s["normalized_latency_mean"],
+                         "ttft_p50": s["ttft_p50"],
                          "num_preemptions": s["num_preemptions"], "swapped_out_blocks": s["swapped_out_blocks"],
                          "recomputed_tokens": s["recomputed_tokens"]})
     data = pd.DataFrame(rows)
