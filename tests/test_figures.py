@@ -78,6 +78,21 @@ def test_fig18_block_1_is_worse_than_16(tmp_path: Path) -> None:
         assert latency[1] > latency[16]
 
 
+def test_fig18_and_fig19_rates_sit_below_vllm_knee_from_fig12_csv() -> None:
+    from pagedlab.figures import fig18, fig19
+
+    csv = Path(__file__).resolve().parents[1] / "results" / "paper" / "fig12.csv"
+    if not csv.exists():
+        pytest.skip("no results/paper/fig12.csv")
+    knees = pd.read_csv(csv).query("row == 'knee' and system == 'paged' and rule == 'queue' and model == 'opt_13b'")
+    for workload, knee in fig18.VLLM_QUEUE_KNEE_AT_16.items():
+        assert knee == pytest.approx(knees.set_index("workload").loc[workload, "knee_rate"], rel=1e-4)
+        rate, seconds = fig18.WORKLOADS[workload]
+        assert rate == pytest.approx(fig18.KNEE_FRACTION * knee, rel=0.01) and rate < knee
+        assert seconds == fig18.trace_seconds(workload)
+    assert (fig19.E2E_RATE, fig19.E2E_DURATION_S) == fig18.WORKLOADS["sharegpt_like"]
+
+
 def test_fig19_swap_costs_more_against_recompute_at_small_blocks(tmp_path: Path) -> None:
     data = small("fig19", tmp_path)
     micro = data[data["part"] == "microbenchmark"].set_index("block_size")

@@ -14,18 +14,20 @@ import pandas as pd
 
 from pagedlab.executors.base import ModelInput, StepInput
 from pagedlab.executors.cost_model import CostModel
-from pagedlab.figures import common
+from pagedlab.figures import common, fig18
 from pagedlab.figures.paper import FIG18B_BLOCK_SIZES, FIG19_COMPARABLE_AT, FIG19_SWAP_SLOWER_AT
 from pagedlab.models.presets import hardware_spec, model_spec
 
 SEQ_TOKENS = 512  # the microbenchmark's sequence (ours)
 PAPER_SETTING = ("opt_13b", "a100_40gb")
-E2E_RATE, E2E_DURATION_S = 2.4, 500  # ours: near vLLM's knee at block 16, so that sequences are preempted
+# ours: Fig. 18b's ShareGPT rate and trace, 0.8 of vLLM's queue knee at block 16 (fig18.KNEE_FRACTION): memory
+# binds and sequences are preempted, but the queue stays bounded
+E2E_RATE, E2E_DURATION_S = fig18.WORKLOADS["sharegpt_like"]
 SMALL_SIZES = (1, 64)
 TODAY_SETTING = ("llama3_8b", "h100_80gb")
 TODAY_EXTRA = ("max_model_len=8192", "max_num_seqs=1024", "workload.shared_prefix_len=256", "prefix_cache=true",
                "kv_cache.budget_gib=8")  # a small KV budget (ours), so that today's GPU preempts at all
-TODAY_RATE = 6.0
+TODAY_RATE, TODAY_DURATION_S = 6.0, 125
 MODES = ("recompute", "swap")
 COLOURS = {"recompute": "#4c72b0", "swap": "#c44e52", "swap_out": "#dd8452", "swap_in": "#8172b2"}
 EMPTY = ModelInput([], [], [], [], [], [], [])
@@ -60,12 +62,13 @@ def run(small: bool = False, today: bool = False) -> common.FigureOutput:
                      "swap_in_out_s": m["swap_out_s"] + m["swap_in_s"],
                      "swap_over_recompute": (m["swap_out_s"] + m["swap_in_s"]) / m["recompute_s"]})
     rate = TODAY_RATE if today else E2E_RATE
-    num_requests = common.requests_for(rate, E2E_DURATION_S / (6 if small else 1) / (4 if today else 1), 30)
+    num_requests = common.requests_for(rate, (TODAY_DURATION_S if today else E2E_DURATION_S) / (6 if small else 1), 30)
     for mode in MODES:
         for b in SMALL_SIZES if small else FIG18B_BLOCK_SIZES:
             s = common.run_point(e2e_overrides(mode, b, rate, num_requests, today))
             rows.append({"part": "end_to_end", "block_size": b, "eviction": mode, "rate": rate,
                          "num_requests": num_requests, "normalized_latency": s["normalized_latency_mean"],
+                         "ttft_p50": s["ttft_p50"],
                          "num_preemptions": s["num_preemptions"], "swapped_out_blocks": s["swapped_out_blocks"],
                          "recomputed_tokens": s["recomputed_tokens"]})
     data = pd.DataFrame(rows)
@@ -96,9 +99,11 @@ def run(small: bool = False, today: bool = False) -> common.FigureOutput:
 
 
 def settings_ours(today: bool, rate: float, num_requests: int) -> list[str]:
+    where = (f", {fig18.KNEE_FRACTION:g} of vLLM's queue knee at block 16 "
+             f"(Fig. 12: {fig18.VLLM_QUEUE_KNEE_AT_16['sharegpt_like']:.3g} req/s), as in Fig. 18b")
     out = [f"(a) one {SEQ_TOKENS}-token sequence, from the cost model (one PCIe copy per block, K and V, per layer)",
-           (f"(b) ShareGPT-like, {rate:g} req/s x {num_requests} requests (paper: its rate is not given in the text), "
-           "4 GiB of host swap space"), common.batching_note(today)]
+           (f"(b) ShareGPT-like, {rate:g} req/s x {num_requests} requests{'' if today else where} (paper: its rate is "
+            "not given in the text), 4 GiB of host swap space"), common.batching_note(today)]
     if today:
         out.insert(0, "today's scale: Llama 3 8B (GQA) on one H100-80GB with an 8 GiB KV budget, 256-token "
                       "shared system prompt, prefix cache on")
