@@ -189,6 +189,31 @@ def test_wandb_logger_sends_config_tags_steps_summary_and_table(cfg, tmp_path: P
     assert "output_token_count" in table.columns and "output_token_ids" not in table.columns
 
 
+def test_a_wall_clock_run_logs_its_steps_after_the_measured_window(cfg, tmp_path: Path, monkeypatch) -> None:
+    """With executor=torch the step rows wait until the run ends (W&B's work stays out of the measured
+    window), then go out in order, before the request table; a simulated run logs them live (above)."""
+    import pandas as pd
+    import wandb
+
+    run = FakeRun()
+    monkeypatch.setattr(wandb, "init", lambda **kw: run)
+    cfg.executor = OmegaConf.create({"_target_": "pagedlab.executors.torch_executor.TorchBackend", "name": "torch"})
+    cfg.logger.log_every = 2
+    logger = loggers.make_logger(cfg, tmp_path, group="g", name="n")
+    for step in range(5):
+        logger.log_step({"step": step, "batch_size": step})
+    assert run.logged == []
+    result = SimpleNamespace(summary={"batch_size_mean": 2.0}, requests=pd.DataFrame({"request_id": [0]}))
+    logger.log_result(result)
+    logger.finish()
+    assert [step for _, step in run.logged[:3]] == [0, 2, 4] and "requests" in run.logged[3][0]
+    failed = loggers.make_logger(cfg, tmp_path, group="g", name="n2")
+    run.logged.clear()
+    failed.log_step({"step": 0, "batch_size": 1})
+    failed.finish(exit_code=1)  # a run that failed still shows the steps it made
+    assert run.logged == [({"batch_size": 1}, 0)] and run.finished == 1
+
+
 def test_online_without_a_key_falls_back_to_offline(cfg, tmp_path: Path, monkeypatch) -> None:
     import wandb
 

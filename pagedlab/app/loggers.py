@@ -133,7 +133,8 @@ def call_with_timeout(fn: Any, timeout: float, **kwargs: Any) -> Any:
 
 
 class WandbLogger:
-    """One W&B run per job; per-step metrics with step = engine step; summary; request table."""
+    """One W&B run per job; per-step metrics with step = engine step; summary; request table. With
+    ``hold_steps`` (wall-clock runs) the step rows are sent when the run ends, not during it."""
 
     def __init__(self, *, run_config: dict[str, Any], run_dir: Path, group: str, name: str, mode: str = "offline",
                  project: str = "pagedlab", entity: str | None = None, tags: list[str] | tuple[str, ...] = (),
@@ -157,6 +158,8 @@ class WandbLogger:
                                     save_code=False),
         )
         self.log_every = max(1, int(log_every or 1))
+        self.hold_steps = False  # True: keep step rows until the run ends (make_logger sets it for wall-clock runs)
+        self._held: list[tuple[dict[str, Any], int | None]] = []
         self._broken = False
         self._safely("define_metric", self.run.define_metric, "*", summary="none")  # steps write no summary
 
@@ -174,16 +177,27 @@ class WandbLogger:
         step = data.pop("step", None)
         if step is not None and int(step) % self.log_every:
             return
+        if self.hold_steps:
+            self._held.append((data, int(step) if step is not None else None))
+            return
         self._safely("log", self.run.log, data, step=int(step) if step is not None else None)
 
+    def _flush_held(self) -> None:
+        held, self._held = self._held, []
+        for data, step in held:
+            self._safely("log", self.run.log, data, step=step)
+
     def log_result(self, result: Any) -> None:
-        """The request table (committing the last step), then the summary: summary.json's values."""
+        """The held step rows, the request table (committing the last step), then the summary:
+        summary.json's values."""
+        self._flush_held()
         if len(result.requests):
             table = self._wandb.Table(dataframe=request_table_frame(result.requests))
             self._safely("log", self.run.log, {"requests": table})
         self._safely("summary", self.run.summary.update, dict(result.summary))
 
     def finish(self, exit_code: int = 0) -> None:
+        self._flush_held()  # a run that failed still shows the steps it made
         try:
             self.run.finish(exit_code=exit_code)
         except Exception as exc:  # noqa: BLE001
@@ -211,7 +225,11 @@ def wandb_logger(*, mode: str = "offline", **kwargs: Any) -> RunLogger:
 
 def make_logger(cfg: DictConfig, run_dir: str | Path, *, group: str, name: str) -> RunLogger:
     """The logger ``logger._target_`` names, given the run's config, its dir, its W&B group and name."""
+    from pagedlab.experiment import simulated
     from pagedlab.parts import instantiate_part
 
-    return instantiate_part(cfg.logger, "logger", run_config=OmegaConf.to_container(cfg, resolve=True),
-                            run_dir=Path(run_dir), group=group, name=name)
+    logger = instantiate_part(cfg.logger, "logger", run_config=OmegaConf.to_container(cfg, resolve=True),
+                              run_dir=Path(run_dir), group=group, name=name)
+    if hasattr(logger, "hold_steps"):  # W&B's own work stays out of a measured (wall-clock) window
+        logger.hold_steps = not simulated(cfg)
+    return logger
