@@ -91,6 +91,24 @@ def test_a_launcher_sweep_gives_the_basic_launchers_results(tmp_path: Path, laun
 
 @pytest.mark.slow
 @pytest.mark.parametrize("launcher", list(LAUNCHERS))
+def test_a_launcher_sweep_groups_its_wandb_runs_as_the_basic_launcher_does(tmp_path: Path, launcher: str) -> None:
+    """With the default logger (W&B, offline), each job, in the launcher's own process, writes one offline
+    run grouped by the sweep dir and named by its overrides, as under the basic launcher
+    (tests/test_wandb.py)."""
+    plugin, args = LAUNCHERS[launcher]
+    pytest.importorskip(plugin)
+    pytest.importorskip("wandb")
+    tiny = [a for a in TINY if a != "logger=none"]
+    ok(cli(tmp_path, "-m", *tiny, *POINTS, *args, "hydra.sweep.dir=sweeps/my_study"))
+    for job, bs in ((0, 8), (1, 16)):
+        (run,) = (tmp_path / "sweeps" / "my_study" / str(job) / "wandb").glob("offline-run-*")
+        (records,) = run.glob("*.wandb")
+        data = records.read_bytes()
+        assert b"my_study" in data and f"block_size={bs}".encode() in data and b"memory_waste" in data
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", list(LAUNCHERS))
 def test_a_failed_job_is_a_row_written_by_the_job_itself(tmp_path: Path, launcher: str) -> None:
     """A failing job stops the sweep before ``on_multirun_end``, so its row can only come from the job's own
     ``on_job_end``, which runs in the launcher's worker (a submitit or Ray process)."""
