@@ -117,6 +117,7 @@ def test_experiment_multirun_with_sweeper_params(tmp_path: Path) -> None:
 
 BAD = [
     (["block_size=0"], ["block_size=0", "1..256"]),
+    (["executor=sim", "executor.host_overhead=x"], ["executor.host_overhead=x", "preset, vllm_2023"]),
     (["allocator=pagd"], ["allocator=pagd", "paged", "contiguous_max", "contiguous_pow2", "contiguous_oracle"]),
     (["cow=maybe"], ["cow=maybe", "true or false"]),
     (["eviction.victim=oldest"], ["eviction.victim=oldest", "newest, longest_resident, lru, largest"]),

@@ -121,7 +121,7 @@ def test_gather_decode_cuts_chunks_by_padding(monkeypatch, cut_tokens):
     assert rows == list(range(len(ctxs)))
     for chunk_rows, _, padded, _ in chunks:
         assert padded == -(-max(ctxs[r] for r in chunk_rows.tolist()) // 16) * 16
-    expected = {1: len(set(-(-c // 16) for c in ctxs)), 1 << 30: 1}.get(cut_tokens)
+    expected = {1: len({-(-c // 16) for c in ctxs}), 1 << 30: 1}.get(cut_tokens)
     if expected is not None:  # a cut at every new width, or never
         assert len(chunks) == expected
     else:

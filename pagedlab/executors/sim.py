@@ -50,11 +50,16 @@ class SimBackend:
     def __init__(self, cfg: Any, host_overhead: str = "preset") -> None:
         from pagedlab.experiment import model_shapes, sim_budget, sim_hardware
 
+        self.check_arguments(host_overhead=host_overhead)
         self.spec = model_shapes(cfg)
-        one_of("host_overhead", host_overhead, tuple(HOST_OVERHEADS))
         self.hardware = sim_hardware(cfg).with_host_overhead(host_overhead)
         self.default_budget_bytes, self.budget_what = sim_budget(cfg, self.spec)
         self.eos_token_id = None
+
+    @staticmethod
+    def check_arguments(host_overhead: str = "preset", **_: Any) -> None:
+        """Refuse a bad ``executor.host_overhead`` before any work (the preflight calls this too)."""
+        one_of("host_overhead", host_overhead, tuple(HOST_OVERHEADS))
 
     def make_executor(self, num_blocks: int, block_size: int, num_swap_blocks: int) -> SimExecutor:
         return SimExecutor(self.spec, self.hardware, block_size)
