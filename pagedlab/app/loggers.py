@@ -173,14 +173,16 @@ class WandbLogger:
             _warn(f"W&B {what} failed ({type(exc).__name__}: {exc}); W&B logging stops, local results are kept")
 
     def log_step(self, row: dict[str, Any]) -> None:
+        step = _numeric({"step": row.get("step")}).get("step")  # a skipped step converts only its step number
+        step = int(step) if step is not None else None
+        if step is not None and step % self.log_every:
+            return
         data = _numeric(row)
-        step = data.pop("step", None)
-        if step is not None and int(step) % self.log_every:
-            return
+        data.pop("step", None)
         if self.hold_steps:
-            self._held.append((data, int(step) if step is not None else None))
+            self._held.append((data, step))
             return
-        self._safely("log", self.run.log, data, step=int(step) if step is not None else None)
+        self._safely("log", self.run.log, data, step=step)
 
     def _flush_held(self) -> None:
         held, self._held = self._held, []

@@ -32,7 +32,7 @@ SYSTEMS = ("paged", "orca_oracle", "orca_pow2", "orca_max")
 RULES = ("queue", "latency")  # the knee rules (module doc); the first is the headline
 QUEUE_FACTOR = 10.0  # the queue knee: median TTFT at most this x vLLM's at light load (ours)
 LATENCY_FACTOR = 2.0  # the latency knee: mean normalized latency at most this x vLLM's at light load (ours)
-RULE_METRIC = {"queue": "ttft_p50", "latency": "normalized_latency_mean"}
+RULE_METRIC = {"queue": "ttft_p50", "latency": "normalized_latency"}  # a point row's column
 RULE_FACTOR = {"queue": QUEUE_FACTOR, "latency": LATENCY_FACTOR}
 RULE_LABELS = {"queue": "queue knee", "latency": "latency knee"}
 LIGHT_FRACTION = 1 / 8  # light load: this fraction of the search's starting rate
@@ -95,8 +95,7 @@ def search(s: Setting, today: bool, rel_tol: float,
                                   "system": system, "rate": rate, "num_requests": n,
                                   "normalized_latency": summary["normalized_latency_mean"],
                                   "batch_size_mean": summary["batch_size_mean"],
-                                  "num_preemptions": summary["num_preemptions"], "ttft_p50": summary["ttft_p50"],
-                                  "normalized_latency_mean": summary["normalized_latency_mean"]}
+                                  "num_preemptions": summary["num_preemptions"], "ttft_p50": summary["ttft_p50"]}
         return rows[system, rate]
 
     light = s.start * LIGHT_FRACTION
@@ -115,7 +114,6 @@ def search(s: Setting, today: bool, rel_tol: float,
     out = list(rows.values())
     out[0]["row"] = "light_load"
     for row in out:
-        del row["normalized_latency_mean"]
         row["threshold"] = thresholds["latency"]
         row["ttft_threshold"] = thresholds["queue"]
     return out, knees
