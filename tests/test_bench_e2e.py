@@ -27,5 +27,6 @@ def test_e2e_runs_the_cli_and_matches_hf_generate(capsys: pytest.CaptureFixture[
           "--no-hf-modules", "--no-hf-continuous"])
     out = capsys.readouterr().out
     rows = {line.split("  ")[0]: line.split() for line in out.splitlines() if line.startswith(("HF", "pagedlab"))}
-    assert set(rows) == {"HF generate (padded)", "pagedlab CLI (torch_gather)", "pagedlab torch_gather (in-process)"}
+    assert set(rows) == {"HF generate (padded)", "pagedlab CLI (cpu)", "pagedlab cpu (in-process)",
+                         "pagedlab torch_gather (in-process)"}
     assert all(r[-1] == "3/3" for r in rows.values())  # greedy outputs equal HF generate's

@@ -33,6 +33,7 @@ WORKLOAD = {  # 8 requests, all at t=0, prompts of 4-40 tokens, 2-20 new tokens 
 TRITON = {"kernel": {"_target_": "pagedlab.kernels.triton_backend.TritonKernel", "name": "triton"},
           "workload.num_requests": 3, "workload.prompt_len": [4, 12],
           "workload.output_len": [2, 5]}  # Triton's interpreter on the CPU: a few short requests
+CPU = {"kernel": {"_target_": "pagedlab.kernels.cpu_kernel.CpuKernel", "name": "cpu"}}  # C decode attention
 TIGHT = {"kv_cache.num_blocks": 6}  # 96 slots at block_size 16: the batch cannot all stay resident
 SAMPLED = {"workload.n": 3, "sampling.temperature": 1.0, "sampling.top_k": 50, "sampling.top_p": 0.9,
            "sampling.seed": 7, "workload.num_requests": 4}
@@ -175,6 +176,15 @@ GREEDY = [
                    "workload.prompt_len": [34, 40], "kv_cache.swap_gib": 0}, ("prefix_hit_rate", *PREEMPTS),
          id="llama-prefix-n2-tight"),  # no host space: the n=2 groups are recomputed, hitting the cache
     pytest.param("qwen2", {**TRITON, "block_size": 8}, (), id="qwen2-triton"),
+    pytest.param("llama", CPU, (), id="llama-cpu"),
+    pytest.param("qwen2", {**CPU, "model.forward": "hf", "block_size": 8}, (), id="qwen2-cpu-hf-modules"),
+    pytest.param("qwen2", {**CPU, **TIGHT, "eviction.mode": "swap"}, SWAPS, id="qwen2-cpu-swap"),
+    pytest.param("llama", {**CPU, "workload.n": 3, "cow": True, "block_size": 4}, ("cow_copies",), id="llama-cpu-n3-cow"),
+    slow("llama", {**CPU, **TIGHT, "eviction.mode": "recompute"}, PREEMPTS, id="llama-cpu-recompute"),
+    slow("qwen2", {**CPU, "block_size": 1}, (), id="qwen2-cpu-block1"),
+    slow("llama", {**CPU, "block_size": 32, "allocator.name": "contiguous_max"}, (), id="llama-cpu-max-block32"),
+    slow("qwen2", {**CPU, "prefix_cache": True, "block_size": 4, "workload.shared_prefix_len": 8,
+                   "workload.prompt_len": [10, 14]}, ("prefix_hit_rate",), id="qwen2-cpu-prefix"),
     slow("llama", {**TRITON, "block_size": 16, "cow": True, "workload.n": 2}, ("cow_copies",),
          id="llama-triton-n2-cow"),
     slow("qwen2", {**TRITON, "block_size": 4, "kv_cache.num_blocks": 6, "eviction.mode": "swap"}, SWAPS,
@@ -257,6 +267,7 @@ BEAM = {"workload.num_requests": 3, "workload.prompt_len": [4, 24], "workload.ou
     slow("llama", 3, {"prefix_cache": True, "block_size": 4, "workload.shared_prefix_len": 8},
          ("prefix_hit_rate", "cow_copies"), id="llama-3-prefix"),
     slow("llama", 2, {**TRITON, "block_size": 8}, ("cow_copies",), id="llama-2-triton"),
+    pytest.param("qwen2", 3, {**CPU, "block_size": 8}, ("cow_copies",), id="qwen2-3-cpu"),
     # copies at fork under pressure, no host space, a small token budget: beams are preempted and
     # recomputed, and still return HF's beams
     pytest.param("llama", 3, {"cow": False, "prefix_cache": True, "block_size": 4, "kv_cache.num_blocks": 28,

@@ -189,7 +189,7 @@ def _device_problems(cfg: DictConfig, errors: list[str]) -> str:
 def _kernel_problems(cfg: DictConfig, spec: Any, device: str | None, errors: list[str]) -> None:
     """Asks the kernel (built from ``kernel._target_``; cheap) whether it can run here: with executor=sim
     only the plain-PyTorch one is taken (the simulator runs none); then its package, the model's dtype
-    on this device, and (CUDA) its tiles for this model and GPU."""
+    on this device, and its shapes for this model (Triton's tiles on a GPU, the cpu kernel's head size)."""
     from pagedlab.config import ConfigError
     from pagedlab.kernels.torch_gather import TorchGatherKernel
     from pagedlab.parts import instantiate_part
@@ -226,10 +226,10 @@ def _kernel_problems(cfg: DictConfig, spec: Any, device: str | None, errors: lis
         shown = cfg.model.dtype if cfg.model.dtype != "auto" else f"auto (the checkpoint's {spec.dtype})"
         where = "the CPU" if dev.type == "cpu" else str(dev)
         errors.append(f"{label} is not allowed with model.dtype={shown} on {where}: {why}")
-    elif dev.type == "cuda" and not errors:
+    elif not errors:
         why = kernel.problem(dev, dtype, spec)
         if why:
-            errors.append(f"{label} is not allowed for this model on {dev}: {why}")
+            errors.append(f"{label} is not allowed for this model on {'the CPU' if dev.type == 'cpu' else dev}: {why}")
 
 
 def _budget_problems(cfg: DictConfig, spec: Any, device: str | None, sim: bool, per_seq_reservations: bool,

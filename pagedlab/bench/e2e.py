@@ -3,7 +3,7 @@ continuous batching (`generate_batch`'s manager, paged attention too), padded `g
 vLLM's CPU build, on the same requests, side by side in one run (vLLM in its own venv, as a subprocess).
 
     python -m pagedlab.bench.e2e [--model-size tiny|1b] [--num-requests 64] [--prompt-len 8,256]
-                                 [--output-len 8,256] [--kernels torch_gather,triton] [--device auto]
+                                 [--output-len 8,256] [--kernels cpu,torch_gather] [--device auto]
                                  [--block-size 16] [--hf-batch 32] [--repeats 3] [--no-hf-modules]
                                  [--no-hf-continuous] [--no-cli]
                                  [--vllm-python /path/to/vllm-venv/bin/python] [--vllm-mode compiled|eager]
@@ -128,6 +128,16 @@ class VLLMPeer:
         self.log.close()
 
 
+def default_kernels(device: torch.device) -> str:
+    """The kernels to run, the CLI row's first: on CUDA torch_gather and Triton; on the CPU the C kernel when
+    it can be built here (it is the fast one), then torch_gather."""
+    if device.type == "cuda":
+        return "torch_gather,triton"
+    from pagedlab.kernels.cpu_kernel import CpuKernel
+
+    return "cpu,torch_gather" if CpuKernel.problem(device) is None else "torch_gather"
+
+
 def pagedlab_cli(overrides: list[str], run_dir: Path) -> tuple[float, Outputs]:
     """`python -m pagedlab.run OVERRIDES` in a fresh process, as a user runs it (its own warm-up
     excluded from its measured window); returns (generated tokens / its reported throughput, outputs)."""
@@ -149,7 +159,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--num-requests", type=int, default=64)
     p.add_argument("--prompt-len", default="8,256", help="lo,hi of the uniform prompt lengths")
     p.add_argument("--output-len", default="8,256", help="lo,hi of the uniform output lengths")
-    p.add_argument("--kernels", default=None, help="default: torch_gather,triton on CUDA, torch_gather on the CPU")
+    p.add_argument("--kernels", default=None,
+                   help="default: torch_gather,triton on CUDA, cpu,torch_gather on the CPU (the CLI row runs the first)")
     p.add_argument("--device", default="auto")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--hf-batch", type=int, default=32)
@@ -189,7 +200,7 @@ def main(argv: list[str] | None = None) -> None:
     def overrides(kernel: str, n: int, forward: str = "auto") -> list[str]:
         return [*base, "logger=none", f"kernel={kernel}", f"workload.num_requests={n}", f"model.forward={forward}"]
 
-    kernels = (a.kernels or ("torch_gather,triton" if device.type == "cuda" else "torch_gather")).split(",")
+    kernels = (a.kernels or default_kernels(device)).split(",")
     cfg = compose(*overrides(kernels[0], a.num_requests))
     hf = AutoModelForCausalLM.from_pretrained(tmp.name, dtype=torch.bfloat16 if a.model_size == "1b" else "auto")
     hf = hf.to(device).eval()

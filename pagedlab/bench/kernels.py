@@ -1,8 +1,8 @@
-"""CPU decode attention: paged `torch_gather` vs SDPA on contiguous K/V, side by side in one run.
+"""CPU decode attention: paged `torch_gather` and `cpu` vs SDPA on contiguous K/V, side by side in one run.
 
     python -m pagedlab.bench.kernels [--batch 32] [--context 1024] [--block-size 16]
                                      [--heads 32] [--kv-heads 8] [--head-dim 128] [--iters 10]
-                                     [--threads N]
+                                     [--threads N] [--kernels torch_gather,cpu]
 
 The paged pool holds every sequence's blocks in shuffled order; the contiguous baseline holds the
 same K/V as [B, kv_heads, ctx, D]. The paged time includes writing the step's new K/V into their
@@ -21,8 +21,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from pagedlab.kernels import build_metadata
-from pagedlab.kernels.torch_gather import TorchGatherKernel
+from pagedlab.kernels import build_metadata, get_kernel
+from pagedlab.kernels.cpu_kernel import CpuKernel
 from pagedlab.kv.block_manager import BlockManager
 
 
@@ -102,17 +102,21 @@ def main(argv: list[str] | None = None) -> None:
                           ("kv-heads", 8), ("head-dim", 128), ("iters", 10), ("threads", 0)]:
         p.add_argument(f"--{name}", type=int, default=default)
     p.add_argument("--layouts", default=",".join(LAYOUTS), help=f"comma-separated subset of {LAYOUTS}")
+    p.add_argument("--kernels", default=None, help="default: torch_gather,cpu (cpu when it can be built here)")
     a = p.parse_args(argv)
+    names = (a.kernels or ("torch_gather,cpu" if CpuKernel.problem(torch.device("cpu")) is None
+                           else "torch_gather")).split(",")
     if a.threads:
         torch.set_num_threads(a.threads)
     layouts = tuple(a.layouts.split(","))
     q, nk, nv, kc, vc, pools = setup_layouts(a.batch, a.context, a.block_size, a.heads, a.kv_heads, a.head_dim, layouts)
     group, scale = a.heads // a.kv_heads, a.head_dim**-0.5
-    gather = TorchGatherKernel()
+    kernels = {name: get_kernel(name) for name in names}
     q4 = q.unsqueeze(2)
     qp = q.view(a.batch, a.kv_heads, group, a.head_dim)
     ref = F.scaled_dot_product_attention(q4, kc, vc, enable_gqa=True).squeeze(2)
-    err = max((gather.attention(q, nk, nv, kv, meta, scale) - ref).abs().max().item() for kv, meta in pools.values())
+    err = max((k.attention(q, nk, nv, kv, meta, scale) - ref).abs().max().item()
+              for k in kernels.values() for kv, meta in pools.values())
     kv_mib = 2 * kc.numel() * kc.element_size() / 2**20
     print(f"decode attention, CPU fp32, {torch.get_num_threads()} threads: batch {a.batch}, context {a.context}, "
           f"block {a.block_size}, {a.heads} q heads / {a.kv_heads} kv heads, head_dim {a.head_dim} "
@@ -121,11 +125,12 @@ def main(argv: list[str] | None = None) -> None:
         "contiguous SDPA (enable_gqa)": lambda: F.scaled_dot_product_attention(q4, kc, vc, enable_gqa=True),
         "contiguous SDPA (packed GQA)": lambda: F.scaled_dot_product_attention(qp, kc, vc),
     }
-    for layout, (kv, meta) in pools.items():
-        fns[f"paged, {layout} table"] = lambda kv=kv, meta=meta: gather.attention(q, nk, nv, kv, meta, scale)
+    for name, kernel in kernels.items():
+        for layout, (kv, meta) in pools.items():
+            fns[f"{name}, {layout} table"] = lambda k=kernel, kv=kv, meta=meta: k.attention(q, nk, nv, kv, meta, scale)
     t = timeit(fns, a.iters)
     t_gqa, t_packed = t["contiguous SDPA (enable_gqa)"], t["contiguous SDPA (packed GQA)"]
-    print(f"{'':34s} {'median':>8s}     vs gqa  vs packed   (paged = write + attention, torch_gather)")
+    print(f"{'':34s} {'median':>8s}     vs gqa  vs packed   (paged = write + attention)")
     for name, ms in t.items():
         print(f"{name:34s} {ms:8.2f} ms  {ms / t_gqa:5.2f}x  {ms / t_packed:5.2f}x")
 

@@ -1,9 +1,9 @@
-"""Paged attention over a block pool: KV cache storage, per-step metadata and two kernels.
+"""Paged attention over a block pool: KV cache storage, per-step metadata and three kernels.
 
 A kernel is an object of a class that ``kernel._target_`` names (``conf/kernel/*.yaml``), built with the
 group's other keys as keyword arguments; :class:`AttentionKernel` is its contract. The built-in ones are
-:class:`~pagedlab.kernels.torch_gather.TorchGatherKernel` and
-:class:`~pagedlab.kernels.triton_backend.TritonKernel`.
+:class:`~pagedlab.kernels.torch_gather.TorchGatherKernel`,
+:class:`~pagedlab.kernels.triton_backend.TritonKernel` and :class:`~pagedlab.kernels.cpu_kernel.CpuKernel`.
 """
 
 from __future__ import annotations
@@ -66,6 +66,7 @@ class AttentionKernel(Protocol):
 KERNELS = {  # config label -> class (conf/kernel/<label>.yaml names the same class)
     "torch_gather": "pagedlab.kernels.torch_gather.TorchGatherKernel",
     "triton": "pagedlab.kernels.triton_backend.TritonKernel",
+    "cpu": "pagedlab.kernels.cpu_kernel.CpuKernel",
 }
 
 

@@ -197,21 +197,12 @@ def _prefill_plan(device: torch.device, heads: int, group: int, qlen: int, ctx: 
     return group > 1, rows
 
 
-def attention(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    kv: torch.Tensor,
-    meta: PagedMetadata,
-    scale: float,
-    sliding_window: int | None = None,
-) -> torch.Tensor:
-    """Write the step's K/V, then attend. query [T, H, D], key/value [T, kv_heads, D] -> [T, H, D]."""
-    write_kv(kv, key, value, meta)
-    num_tokens, heads, dim = query.shape
+def attend_decodes(query: torch.Tensor, kv: torch.Tensor, meta: PagedMetadata, scale: float,
+                   sliding_window: int | None, out: torch.Tensor) -> None:
+    """Fill the rows of `out` of the sequences with one new token (views and gathered chunks)."""
+    _, heads, dim = query.shape
     kv_heads = kv.shape[3]
     group = heads // kv_heads
-    out = torch.empty(num_tokens, heads, dim, dtype=query.dtype, device=query.device)
     views, chunks = _decode_plan(meta, kv, sliding_window)
     if views:
         flat = kv.view(2, -1, kv_heads, dim)
@@ -224,7 +215,13 @@ def attention(
         q = query.index_select(0, rows).view(-1, kv_heads, group, dim)
         o = F.scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale)
         out.index_copy_(0, rows, o.reshape(-1, heads, dim))
-    bs = meta.block_size
+
+
+def attend_prefills(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv: torch.Tensor,
+                    meta: PagedMetadata, scale: float, sliding_window: int | None, out: torch.Tensor) -> None:
+    """Fill the rows of `out` of the sequences with more than one new token, one SDPA call (or query chunk)
+    each; a sequence without cached prefix attends to its own new K/V directly."""
+    heads, group, bs = query.shape[1], query.shape[1] // kv.shape[3], meta.block_size
     for s in meta.prefill_seqs:
         r0, r1 = meta.query_start_list[s], meta.query_start_list[s + 1]
         qlen, ctx = r1 - r0, meta.context_lens_list[s]
@@ -247,6 +244,22 @@ def attention(
                 enable_gqa=group > 1 and not repeat,
             )
             out[r0 + a : r0 + b] = o[0].transpose(0, 1)
+
+
+def attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    kv: torch.Tensor,
+    meta: PagedMetadata,
+    scale: float,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """Write the step's K/V, then attend. query [T, H, D], key/value [T, kv_heads, D] -> [T, H, D]."""
+    write_kv(kv, key, value, meta)
+    out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
+    attend_decodes(query, kv, meta, scale, sliding_window, out)
+    attend_prefills(query, key, value, kv, meta, scale, sliding_window, out)
     return out
 
 

@@ -1,0 +1,130 @@
+"""kernel=cpu (C decode attention read in place from the paged pool) vs SDPA on contiguous K/V; its build
+cache and its refusals."""
+
+from __future__ import annotations
+
+import platform
+import random
+import shutil
+from types import SimpleNamespace
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_kernels import CONTEXTS, MIXED_C, MIXED_Q, check, make_batch, reference
+
+from pagedlab.kernels import cpu_kernel, get_kernel
+from pagedlab.kernels.cpu_kernel import CpuKernel
+
+pytestmark = pytest.mark.skipif(CpuKernel.problem(torch.device("cpu")) is not None,
+                                reason=f"kernel=cpu cannot be built here: {CpuKernel.problem(torch.device('cpu'))}")
+
+
+@pytest.mark.parametrize("dim", [16, 32, 48, 64, 128, 256])
+@pytest.mark.parametrize("group", [1, 2, 3, 4, 8, 12])  # 3: no constant-shape variant; 12: heads in two turns
+@pytest.mark.parametrize("bs", [1, 5, 16, 32])
+def test_decode_matches_dense_attention(bs, group, dim):
+    ctxs = random.Random(bs * group + dim).sample(CONTEXTS + [17, 33, 257], 8)
+    check("cpu", [1] * len(ctxs), ctxs, bs, 2, group, dim, seed=bs + group)
+
+
+@pytest.mark.parametrize("layout", ["shuffled", "runs", "mixed"])
+@pytest.mark.parametrize("window", [None, 1, 24, 999])
+def test_mixed_batch_with_prefills_and_sliding_window(layout, window):
+    """Decodes in C and prefills (plain or over a cached prefix) through SDPA, in one flattened batch."""
+    check("cpu", MIXED_Q, MIXED_C, 16, 2, 2, 64, window=window, layout=layout)
+
+
+@settings(max_examples=150, deadline=None)
+@given(data=st.data())
+def test_any_batch_matches_dense_attention(data):
+    seqs = data.draw(st.integers(1, 6))
+    ctxs = data.draw(st.lists(st.integers(1, 300), min_size=seqs, max_size=seqs))
+    qlens = [data.draw(st.sampled_from([1, 1, 1, min(c, 5), c])) for c in ctxs]
+    check("cpu", qlens, ctxs, data.draw(st.sampled_from([1, 2, 3, 8, 16, 17, 64])), data.draw(st.integers(1, 3)),
+          data.draw(st.integers(1, 10)), data.draw(st.sampled_from([16, 32, 64])),
+          window=data.draw(st.one_of(st.none(), st.integers(1, 300))), seed=data.draw(st.integers(0, 99)),
+          layout=data.draw(st.sampled_from(["shuffled", "runs", "mixed"])))
+
+
+def test_reads_nothing_outside_each_sequence():
+    """Slots past each context (padding of the last block, other blocks) hold NaN: the output stays finite,
+    so no key or value outside a sequence's visible tokens is read."""
+    qlens, ctxs = [1, 1, 1, 3], [1, 17, 300, 40]
+    kv, meta, q, k, v, full_k, full_v = make_batch(qlens, ctxs, 16, 2, 2, 32)
+    flat = kv.view(2, -1, 2, 32)
+    keep = torch.zeros(flat.shape[1], dtype=torch.bool)
+    for table, c in zip(meta.host_tables, ctxs):
+        for p in range(c):
+            keep[table[p // 16] * 16 + p % 16] = True
+    flat[:, ~keep] = float("nan")
+    out = get_kernel("cpu").attention(q, k, v, kv, meta, 32**-0.5)
+    torch.testing.assert_close(out, reference(q, full_k, full_v, qlens, 32**-0.5), atol=2e-5, rtol=2e-4)
+
+
+def test_same_output_with_any_thread_count():
+    kv, meta, q, k, v, _, _ = make_batch([1] * 6, [5, 60, 700, 16, 1, 129], 16, 2, 4, 64)
+    threads = torch.get_num_threads()
+    try:
+        outs = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            outs.append(get_kernel("cpu").attention(q, k, v, kv.clone(), meta, 0.125))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(outs[0], o) for o in outs[1:])
+
+
+def test_strided_query_from_hf_modules():
+    """The HF-modules path hands a [T, H, D] view of a [1, H, T, D] tensor: copied, then attended."""
+    kv, meta, q, k, v, full_k, full_v = make_batch([1, 1, 1], [9, 100, 33], 8, 2, 2, 32)
+    strided = q.transpose(0, 1).contiguous().transpose(0, 1)
+    out = get_kernel("cpu").attention(strided, k, v, kv, meta, 0.2)
+    torch.testing.assert_close(out, reference(q, full_k, full_v, [1, 1, 1], 0.2), atol=2e-5, rtol=2e-4)
+
+
+def test_refuses_what_it_cannot_run(monkeypatch):
+    kernel = CpuKernel()
+    assert kernel.problem(torch.device("cpu"), torch.float32) is None
+    assert "CPU only" in kernel.problem(torch.device("cuda"))
+    assert "float32" in kernel.problem(torch.device("cpu"), torch.bfloat16)
+    for head_dim in (40, 8, 512):
+        why = kernel.problem(torch.device("cpu"), torch.float32, SimpleNamespace(head_dim=head_dim))
+        assert f"is {head_dim}" in why and "kernel=torch_gather" in why
+    kv, meta, q, k, v, _, _ = make_batch([1], [10], 16, 1, 1, 40)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        kernel.attention(q, k, v, kv, meta, 0.1)
+    monkeypatch.setenv("CC", "no-such-compiler-xyz")
+    assert "no C compiler 'no-such-compiler-xyz'" in kernel.problem(torch.device("cpu"))
+
+
+def test_builds_once_into_the_cache_and_reports_a_failed_build(monkeypatch, tmp_path):
+    monkeypatch.setenv("PAGEDLAB_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(cpu_kernel, "_library", None)
+    lib = cpu_kernel.load_library()
+    built = list(tmp_path.glob("cpu_paged-*.so"))
+    assert built == [cpu_kernel.library_path()] and not list(tmp_path.glob("tmp*"))
+    stamp = built[0].stat().st_mtime_ns
+    monkeypatch.setattr(cpu_kernel, "_library", None)
+    assert cpu_kernel.load_library() is not lib and built[0].stat().st_mtime_ns == stamp  # loaded, not rebuilt
+    check("cpu", [1, 1], [3, 50], 16, 2, 2, 32)
+
+    monkeypatch.setattr(cpu_kernel, "_library", None)
+    monkeypatch.setattr(cpu_kernel, "FLAGS", [*cpu_kernel.FLAGS, "-DPAGEDLAB_TEST_FLAG"])  # another key
+    monkeypatch.setenv("CC", shutil.which("false") or "false")
+    why = CpuKernel.problem(torch.device("cpu"))
+    assert "could not be compiled" in why and "kernel=torch_gather" in why
+    assert list(tmp_path.glob("cpu_paged-*.so")) == built and not list(tmp_path.glob("tmp*"))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="x86-64 target levels")
+@pytest.mark.parametrize("march", ["x86-64-v2", "x86-64-v3"])
+def test_vectors_build_for_narrower_cpus(monkeypatch, tmp_path, march):
+    """The 16-float vector extensions lower to SSE (v2) or AVX2 (v3) registers too, with the same results."""
+    monkeypatch.setenv("PAGEDLAB_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(cpu_kernel, "_library", None)
+    monkeypatch.setattr(cpu_kernel, "FLAGS", [f"-march={march}" if f == "-march=native" else f for f in cpu_kernel.FLAGS])
+    check("cpu", MIXED_Q, MIXED_C, 16, 2, 4, 64, window=100)
+    check("cpu", [1, 1, 1], [1, 17, 300], 5, 1, 3, 48)
