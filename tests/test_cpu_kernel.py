@@ -128,3 +128,12 @@ def test_vectors_build_for_narrower_cpus(monkeypatch, tmp_path, march):
     monkeypatch.setattr(cpu_kernel, "FLAGS", [f"-march={march}" if f == "-march=native" else f for f in cpu_kernel.FLAGS])
     check("cpu", MIXED_Q, MIXED_C, 16, 2, 4, 64, window=100)
     check("cpu", [1, 1, 1], [1, 17, 300], 5, 1, 3, 48)
+
+
+def test_an_unwritable_cache_is_refused_with_the_folder_to_set(monkeypatch, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("PAGEDLAB_CACHE_DIR", str(blocker / "cache"))  # under a file: cannot be made
+    monkeypatch.setattr(cpu_kernel, "_library", None)
+    why = CpuKernel.problem(torch.device("cpu"))
+    assert "PAGEDLAB_CACHE_DIR" in why and str(blocker / "cache") in why

@@ -66,15 +66,21 @@ def library_path() -> Path:
 
 def build(path: Path) -> None:
     """Compile `SOURCE` into `path` (through a temporary file, so parallel jobs never load a partial one)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-        built = Path(tmp) / path.name
-        proc = subprocess.run([compiler(), *FLAGS, str(SOURCE), "-o", str(built)],
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=path.parent))
+    except OSError as exc:
+        raise RuntimeError(f"kernel=cpu cannot keep its build in {path.parent} ({exc}); "
+                           "set PAGEDLAB_CACHE_DIR to a writable folder") from exc
+    try:
+        proc = subprocess.run([compiler(), *FLAGS, str(SOURCE), "-o", str(tmp / path.name)],
                               capture_output=True, text=True, check=False)
         if proc.returncode != 0:
             raise RuntimeError(f"kernel=cpu could not be compiled with {compiler()} "
                                f"(exit {proc.returncode}):\n{proc.stderr[-2000:]}")
-        os.replace(built, path)
+        os.replace(tmp / path.name, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def load_library() -> ctypes.CDLL:
