@@ -6,10 +6,12 @@ from __future__ import annotations
 import platform
 import random
 import shutil
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+from cpu_kernel_here import needs_cpu_kernel
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_kernels import CONTEXTS, MIXED_C, MIXED_Q, check, make_batch, reference
@@ -17,8 +19,7 @@ from test_kernels import CONTEXTS, MIXED_C, MIXED_Q, check, make_batch, referenc
 from pagedlab.kernels import cpu_kernel, get_kernel
 from pagedlab.kernels.cpu_kernel import CpuKernel
 
-pytestmark = pytest.mark.skipif(CpuKernel.problem(torch.device("cpu")) is not None,
-                                reason=f"kernel=cpu cannot be built here: {CpuKernel.problem(torch.device('cpu'))}")
+pytestmark = needs_cpu_kernel()
 
 
 @pytest.mark.parametrize("dim", [16, 32, 48, 64, 128, 256])
@@ -63,6 +64,41 @@ def test_reads_nothing_outside_each_sequence():
     torch.testing.assert_close(out, reference(q, full_k, full_v, qlens, 32**-0.5), atol=2e-5, rtol=2e-4)
 
 
+def test_reads_no_key_before_the_window():
+    """With a sliding window, the keys before it hold NaN: the output stays finite and equals the reference."""
+    qlens, ctxs, window = [1, 1, 1], [40, 300, 17], 24
+    kv, meta, q, k, v, full_k, full_v = make_batch(qlens, ctxs, 16, 2, 2, 32)
+    flat = kv.view(2, -1, 2, 32)
+    for table, c in zip(meta.host_tables, ctxs):
+        for p in range(max(c - window, 0)):
+            flat[:, table[p // 16] * 16 + p % 16] = float("nan")
+    out = get_kernel("cpu").attention(q, k, v, kv, meta, 32**-0.5, window)
+    torch.testing.assert_close(out, reference(q, full_k, full_v, qlens, 32**-0.5, window), atol=2e-5, rtol=2e-4)
+
+
+def test_query_rows_apart_are_read_in_place():
+    """The compact forward hands the query as a slice of q|k|v rows ([T, H, D] with rows (H + 2 * kv) * D
+    apart): read without a copy, and nothing of the other heads in each row (NaN here) is read."""
+    kv, meta, q, k, v, full_k, full_v = make_batch([1, 1, 1], [9, 100, 33], 8, 2, 2, 32)
+    rows = torch.full((3, 4 + 2 * 2, 32), float("nan"))
+    rows[:, :4] = q
+    out = get_kernel("cpu").attention(rows[:, :4], k, v, kv, meta, 0.2)
+    torch.testing.assert_close(out, reference(q, full_k, full_v, [1, 1, 1], 0.2), atol=2e-5, rtol=2e-4)
+
+
+def test_inputs_it_cannot_read_are_refused_by_name():
+    kv, meta, q, k, v, _, _ = make_batch([1, 1], [9, 40], 8, 2, 2, 32)
+    kernel = get_kernel("cpu")
+    with pytest.raises(ValueError, match=r"query.dtype=torch.float64 is not allowed: expected torch.float32"):
+        kernel.attention(q.double(), k, v, kv, meta, 0.2)
+    strided = kv.transpose(1, 2).contiguous().transpose(1, 2)  # the pool's shape, not its layout
+    with pytest.raises(ValueError, match=r"kv=a strided view is not allowed: expected a contiguous pool"):
+        cpu_kernel.attend_decodes(q, strided, meta, 0.2, None, torch.empty_like(q))
+    meta.block_tables = meta.block_tables.long()
+    with pytest.raises(ValueError, match=r"meta.block_tables=torch.int64 is not allowed: expected contiguous torch.int32"):
+        kernel.attention(q, k, v, kv, meta, 0.2)
+
+
 def test_same_output_with_any_thread_count():
     kv, meta, q, k, v, _, _ = make_batch([1] * 6, [5, 60, 700, 16, 1, 129], 16, 2, 4, 64)
     threads = torch.get_num_threads()
@@ -93,9 +129,9 @@ def test_refuses_what_it_cannot_run(monkeypatch):
         why = kernel.problem(torch.device("cpu"), torch.float32, SimpleNamespace(head_dim=head_dim))
         assert f"is {head_dim}" in why and "kernel=torch_gather" in why
     kv, meta, q, k, v, _, _ = make_batch([1], [10], 16, 1, 1, 40)
-    with pytest.raises(ValueError, match="multiple of 16"):
+    with pytest.raises(ValueError, match="head_dim=40 is not allowed: expected a multiple of 16 up to 256"):
         kernel.attention(q, k, v, kv, meta, 0.1)
-    monkeypatch.setenv("CC", "no-such-compiler-xyz")
+    monkeypatch.setenv("CC", "no-such-compiler-xyz -O2")  # a command with arguments: the program is named
     assert "no C compiler 'no-such-compiler-xyz'" in kernel.problem(torch.device("cpu"))
 
 
@@ -114,15 +150,25 @@ def test_builds_once_into_the_cache_and_reports_a_failed_build(monkeypatch, tmp_
     monkeypatch.setattr(cpu_kernel, "FLAGS", [*cpu_kernel.FLAGS, "-DPAGEDLAB_TEST_FLAG"])  # another key
     monkeypatch.setenv("CC", shutil.which("false") or "false")
     why = CpuKernel.problem(torch.device("cpu"))
-    assert "could not be compiled" in why and "kernel=torch_gather" in why
+    assert why.startswith("it could not be compiled (exit 1) by `") and "kernel=torch_gather" in why
     assert list(tmp_path.glob("cpu_paged-*.so")) == built and not list(tmp_path.glob("tmp*"))
 
 
+def _has_flags(*flags: str) -> bool:
+    try:
+        line = next(x for x in Path("/proc/cpuinfo").read_text().splitlines() if x.startswith("flags"))
+    except (OSError, StopIteration):
+        return False
+    return set(flags) <= set(line.split())
+
+
 @pytest.mark.slow
-@pytest.mark.skipif(platform.machine() != "x86_64", reason="x86-64 target levels")
-@pytest.mark.parametrize("march", ["x86-64-v2", "x86-64-v3"])
-def test_vectors_build_for_narrower_cpus(monkeypatch, tmp_path, march):
+@pytest.mark.parametrize("march,flags", [("x86-64-v2", ("sse4_2", "popcnt")),
+                                         ("x86-64-v3", ("avx2", "fma", "bmi2", "movbe"))])
+def test_vectors_build_for_narrower_cpus(monkeypatch, tmp_path, march, flags):
     """The 16-float vector extensions lower to SSE (v2) or AVX2 (v3) registers too, with the same results."""
+    if platform.machine() != "x86_64" or not _has_flags(*flags):
+        pytest.skip(f"{march} needs an x86-64 CPU with {', '.join(flags)}")
     monkeypatch.setenv("PAGEDLAB_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(cpu_kernel, "_library", None)
     monkeypatch.setattr(cpu_kernel, "FLAGS", [f"-march={march}" if f == "-march=native" else f for f in cpu_kernel.FLAGS])

@@ -16,6 +16,7 @@ from functools import cache
 import pandas as pd
 import pytest
 import torch
+from cpu_kernel_here import needs_cpu_kernel
 from test_engine import make_cfg
 from transformers import AutoModelForCausalLM
 
@@ -126,6 +127,11 @@ def slow(*args, **kw):
     return pytest.param(*args, **kw, marks=pytest.mark.slow)
 
 
+def with_cpu_kernel(*args, slow: bool = False, **kw):
+    """A case of kernel=cpu: skipped where it cannot be built."""
+    return pytest.param(*args, **kw, marks=[needs_cpu_kernel(), *([pytest.mark.slow] if slow else [])])
+
+
 # (model, config overrides, summary counters the case must exercise (> 0)); the unmarked ones cover each
 # dimension once, the slow ones cross them.
 GREEDY = [
@@ -176,15 +182,19 @@ GREEDY = [
                    "workload.prompt_len": [34, 40], "kv_cache.swap_gib": 0}, ("prefix_hit_rate", *PREEMPTS),
          id="llama-prefix-n2-tight"),  # no host space: the n=2 groups are recomputed, hitting the cache
     pytest.param("qwen2", {**TRITON, "block_size": 8}, (), id="qwen2-triton"),
-    pytest.param("llama", CPU, (), id="llama-cpu"),
-    pytest.param("qwen2", {**CPU, "model.forward": "hf", "block_size": 8}, (), id="qwen2-cpu-hf-modules"),
-    pytest.param("qwen2", {**CPU, **TIGHT, "eviction.mode": "swap"}, SWAPS, id="qwen2-cpu-swap"),
-    pytest.param("llama", {**CPU, "workload.n": 3, "cow": True, "block_size": 4}, ("cow_copies",), id="llama-cpu-n3-cow"),
-    slow("llama", {**CPU, **TIGHT, "eviction.mode": "recompute"}, PREEMPTS, id="llama-cpu-recompute"),
-    slow("qwen2", {**CPU, "block_size": 1}, (), id="qwen2-cpu-block1"),
-    slow("llama", {**CPU, "block_size": 32, "allocator.name": "contiguous_max"}, (), id="llama-cpu-max-block32"),
-    slow("qwen2", {**CPU, "prefix_cache": True, "block_size": 4, "workload.shared_prefix_len": 8,
-                   "workload.prompt_len": [10, 14]}, ("prefix_hit_rate",), id="qwen2-cpu-prefix"),
+    with_cpu_kernel("llama", CPU, (), id="llama-cpu"),
+    with_cpu_kernel("qwen2", {**CPU, "model.forward": "hf", "block_size": 8}, (), id="qwen2-cpu-hf-modules"),
+    with_cpu_kernel("qwen2", {**CPU, **TIGHT, "eviction.mode": "swap"}, SWAPS, id="qwen2-cpu-swap"),
+    with_cpu_kernel("llama", {**CPU, "workload.n": 3, "cow": True, "block_size": 4}, ("cow_copies",),
+                    id="llama-cpu-n3-cow"),
+    with_cpu_kernel("llama", {**CPU, **TIGHT, "eviction.mode": "recompute"}, PREEMPTS, slow=True,
+                    id="llama-cpu-recompute"),
+    with_cpu_kernel("qwen2", {**CPU, "block_size": 1}, (), slow=True, id="qwen2-cpu-block1"),
+    with_cpu_kernel("llama", {**CPU, "block_size": 32, "allocator.name": "contiguous_max"}, (), slow=True,
+                    id="llama-cpu-max-block32"),
+    with_cpu_kernel("qwen2", {**CPU, "prefix_cache": True, "block_size": 4, "workload.shared_prefix_len": 8,
+                              "workload.prompt_len": [10, 14]}, ("prefix_hit_rate",), slow=True,
+                    id="qwen2-cpu-prefix"),
     slow("llama", {**TRITON, "block_size": 16, "cow": True, "workload.n": 2}, ("cow_copies",),
          id="llama-triton-n2-cow"),
     slow("qwen2", {**TRITON, "block_size": 4, "kv_cache.num_blocks": 6, "eviction.mode": "swap"}, SWAPS,
@@ -267,7 +277,7 @@ BEAM = {"workload.num_requests": 3, "workload.prompt_len": [4, 24], "workload.ou
     slow("llama", 3, {"prefix_cache": True, "block_size": 4, "workload.shared_prefix_len": 8},
          ("prefix_hit_rate", "cow_copies"), id="llama-3-prefix"),
     slow("llama", 2, {**TRITON, "block_size": 8}, ("cow_copies",), id="llama-2-triton"),
-    pytest.param("qwen2", 3, {**CPU, "block_size": 8}, ("cow_copies",), id="qwen2-3-cpu"),
+    with_cpu_kernel("qwen2", 3, {**CPU, "block_size": 8}, ("cow_copies",), id="qwen2-3-cpu"),
     # copies at fork under pressure, no host space, a small token budget: beams are preempted and
     # recomputed, and still return HF's beams
     pytest.param("llama", 3, {"cow": False, "prefix_cache": True, "block_size": 4, "kv_cache.num_blocks": 28,

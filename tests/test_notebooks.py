@@ -31,7 +31,7 @@ NOTEBOOKS: dict[str, tuple[dict, int, int]] = {
     "preemption": ({"N": 40, "BLOCK_SIZES": [4, 16], "VICTIMS": ["newest", "largest"], "ANIMATION_STEPS": 6}, 4, 1),
     "prefix_caching": ({"N": 40, "PREFIX_LENS": [0, 80], "PICTURE_REQUESTS": 3}, 3, 0),
     "kernels": ({"CONTEXTS": [64, 128], "BATCH": 4, "ITERS": 2, "TRITON_CONTEXTS": [32], "E2E_REQUESTS": 2,
-                 "TRITON_REQUESTS": 1, "REPEATS": 2}, 3, 0),
+                 "TRITON_REQUESTS": 1, "REPEATS": 2}, 4, 0),
     "request_rate": ({"N": 40, "RATES": [1, 4], "ALLOCATORS": ["paged", "contiguous_max"]}, 3, 0),
     "your_own_part": ({}, 2, 0),
 }

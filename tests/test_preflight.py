@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import cpu_kernel_here
 import pytest
 
 import pagedlab.config as C
@@ -76,14 +77,15 @@ REFUSED = {
     "bad-trace": (["workload=trace", "workload.path={bad_trace}"], ["{bad_trace}", "many"]),
     "triton-on-sim": (["kernel=triton"], ["kernel=triton", "executor=sim"]),
     "cpu-kernel-on-sim": (["kernel=cpu"], ["kernel=cpu", "executor=sim"]),
-    "cpu-kernel-bf16": (["executor=torch", "kernel=cpu", "model.dtype=bfloat16", "device=cpu"],
-                        ["kernel=cpu", "model.dtype=bfloat16", "float32"]),
     "unknown-added-key": (["+kv_cache.num_block=10"], ["kv_cache.num_block", "not a config key", "num_blocks"]),
     "unknown-key": (["kv_cache.num_block=10"], ["kv_cache.num_block", "did you mean 'num_blocks'"]),
     "negative-seed": (["seed=-1"], ["seed=-1", "an integer in 0.."]),
     "experiment-without-plus": (["experiment=smoke"], ["experiment=smoke", "+experiment=smoke"]),
     "unknown-objective": (["+objective=speed"], ["objective=speed", "throughput_tok_s"]),
 }
+if cpu_kernel_here.problem() is None:  # where it cannot be built, that is what the check says first
+    REFUSED["cpu-kernel-bf16"] = (["executor=torch", "kernel=cpu", "model.dtype=bfloat16", "device=cpu"],
+                                  ["kernel=cpu", "model.dtype=bfloat16", "float32"])
 if HAS_TRITON:
     REFUSED["triton-bf16-on-cpu"] = (["executor=torch", "kernel=triton", "model.dtype=bfloat16", "device=cpu"],
                                      ["kernel=triton", "model.dtype=bfloat16", "bfloat16", "CPU"])
@@ -218,3 +220,15 @@ def test_triton_variant_that_cannot_fit_shared_memory_is_refused_before_work(
     with pytest.raises(C.ConfigError, match=r"head dim 512 in float32 .* this GPU allows 99 KB.*fit"):
         api.compose(*overrides)
     api.compose(*overrides[:-1], "kernel=torch_gather")  # the other kernel is fine
+
+
+def test_cpu_kernel_that_cannot_be_built_here_is_refused_before_work(tmp_path: Path) -> None:
+    """The check builds kernel=cpu (once per machine): a compiler that cannot is named, and nothing runs."""
+    env = {**os.environ, "CC": "no-such-compiler-xyz", "PAGEDLAB_CACHE_DIR": str(tmp_path / "cache")}
+    env = {k: v for k, v in env.items() if not k.startswith(("WANDB_", "HYDRA_"))}
+    proc = subprocess.run([sys.executable, "-m", "pagedlab.run", *TINY, "executor=torch", "device=cpu", "kernel=cpu",
+                           f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=120, check=False)
+    assert proc.returncode == 2 and "nothing was run" in proc.stderr, proc.stderr[-3000:]
+    assert "kernel=cpu is not allowed" in proc.stderr and "no-such-compiler-xyz" in proc.stderr
+    assert "kernel=torch_gather" in proc.stderr and not (tmp_path / "run").exists()

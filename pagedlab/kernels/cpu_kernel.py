@@ -3,14 +3,19 @@
 torch_gather copies each decoding sequence's blocks into a workspace and runs SDPA over them: the keys
 and values cross memory three times, and CPU SDPA is slow for a one-token query. `cpu_paged.c` instead
 walks the block table and reads every key and value once, in place, with one call per layer for the
-whole batch (OpenMP over sequences x KV heads, on torch's own thread pool). Prefills are compute-bound
-and already fast in SDPA: they take torch_gather's path. Writes of the new K/V are torch_gather's too.
+whole batch (OpenMP over sequences x KV heads). Prefills are compute-bound and already fast in SDPA:
+they take torch_gather's path. Writes of the new K/V are torch_gather's too.
 
 The C source is compiled on first use with the system C compiler (``$CC``, else ``cc``) at
 ``-O3 -march=native -fopenmp`` into ``$PAGEDLAB_CACHE_DIR`` (default ``~/.cache/pagedlab``), under a
-name hashed from the source, the flags, the compiler's version and the CPU's feature flags, so a
-changed source, compiler or machine builds anew; later runs load the cached library (about a second
-the first time). It is loaded with ctypes: no Python headers, no torch headers, no build step at install.
+name hashed from the source, the flags, the compiler and the CPU as the compiler sees it, so a changed
+source, compiler or machine builds anew; later runs load the cached library (a second or two the first
+time). It is loaded with ctypes: no Python headers, no torch headers, no build step at install.
+
+Threads: as many as torch's (``torch.get_num_threads()``, so ``executor.threads`` holds). The library
+links ``libgomp.so.1`` by name, so where torch's wheel ships that same library (x86-64 Linux) the process
+has one OpenMP runtime and one pool of threads; a torch built on another runtime (LLVM or Intel OpenMP,
+macOS) gets a second pool next to its own.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import ctypes
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -39,9 +45,9 @@ LANES, MAX_HEAD_DIM = 16, 256  # cpu_paged.c: vectors of 16 floats, at most 16 o
 _library: ctypes.CDLL | None = None
 
 
-def compiler() -> str:
-    """The C compiler to build with: ``$CC``, else ``cc``."""
-    return os.environ.get("CC") or "cc"
+def compiler() -> list[str]:
+    """The C compiler command to build with: ``$CC`` (it may carry arguments, e.g. ``ccache gcc``), else ``cc``."""
+    return shlex.split(os.environ.get("CC", "")) or ["cc"]
 
 
 def cache_dir() -> Path:
@@ -49,19 +55,27 @@ def cache_dir() -> Path:
     return Path(os.environ.get("PAGEDLAB_CACHE_DIR") or Path.home() / ".cache" / "pagedlab")
 
 
-def _cpu_flags() -> str:
+def _run(args: list[str]) -> str:
     try:
-        return next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
+        return subprocess.run(args, capture_output=True, text=True, check=False, stdin=subprocess.DEVNULL).stdout
     except OSError:
         return ""
 
 
 def library_path() -> Path:
-    """The built library's path for this source, flags, compiler and CPU (built by `load_library`)."""
+    """The built library's path for this source, flags and compiler, and the CPU as the compiler sees it
+    (``-march=native``'s predefined macros: AVX-512 on x86, SVE on Arm...), so that a cache shared by
+    different machines never hands one a build for another's instructions."""
     cc = compiler()
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=False).stdout
-    key = "\n".join([SOURCE.read_text(), " ".join(FLAGS), cc, version, platform.machine(), _cpu_flags()])
+    target = [f for f in FLAGS if f.startswith(("-march", "-mcpu"))]
+    native = _run([*cc, *target, "-dM", "-E", "-x", "c", os.devnull])
+    key = "\n".join([SOURCE.read_text(), " ".join(FLAGS), " ".join(cc), _run([*cc, "--version"]),
+                     platform.machine(), native])
     return cache_dir() / f"cpu_paged-{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
+
+
+class BuildError(RuntimeError):
+    """The kernel could not be built here; the message completes "kernel=cpu is not allowed: "."""
 
 
 def build(path: Path) -> None:
@@ -70,14 +84,16 @@ def build(path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=path.parent))
     except OSError as exc:
-        raise RuntimeError(f"kernel=cpu cannot keep its build in {path.parent} ({exc}); "
-                           "set PAGEDLAB_CACHE_DIR to a writable folder") from exc
+        raise BuildError(f"its build cannot be kept in {path.parent} ({exc}); set PAGEDLAB_CACHE_DIR to a "
+                         "writable folder, or use kernel=torch_gather") from exc
     try:
-        proc = subprocess.run([compiler(), *FLAGS, str(SOURCE), "-o", str(tmp / path.name)],
-                              capture_output=True, text=True, check=False)
+        command = [*compiler(), *FLAGS, str(SOURCE), "-o", str(tmp / path.name)]
+        proc = subprocess.run(command, capture_output=True, text=True, check=False)
         if proc.returncode != 0:
-            raise RuntimeError(f"kernel=cpu could not be compiled with {compiler()} "
-                               f"(exit {proc.returncode}):\n{proc.stderr[-2000:]}")
+            err = proc.stderr if len(proc.stderr) <= 3000 else proc.stderr[:2000] + "\n...\n" + proc.stderr[-800:]
+            raise BuildError(f"it could not be compiled (exit {proc.returncode}) by `{' '.join(command)}`:\n{err}\n"
+                             "expected a C compiler with OpenMP and vector extensions (GCC >= 12 or Clang with "
+                             "libomp; set CC), or use kernel=torch_gather")
         os.replace(tmp / path.name, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -99,23 +115,39 @@ def load_library() -> ctypes.CDLL:
     return _library
 
 
+def check_inputs(query: torch.Tensor, kv: torch.Tensor, meta: PagedMetadata, out: torch.Tensor) -> None:
+    """ValueError naming the first argument the C code could not read as it assumes (it takes raw pointers)."""
+    _, _, _, kv_heads, dim = kv.shape
+    problems = [
+        ("kv.device", kv.device.type, kv.device.type == "cpu", "cpu"),
+        ("kv.dtype", kv.dtype, kv.dtype == torch.float32, "torch.float32"),
+        ("query.dtype", query.dtype, query.dtype == torch.float32, "torch.float32"),
+        ("head_dim", dim, dim % LANES == 0 and 0 < dim <= MAX_HEAD_DIM,
+         f"a multiple of {LANES} up to {MAX_HEAD_DIM}"),
+        ("query heads", query.shape[1], query.shape[1] % kv_heads == 0, f"a multiple of kv_heads={kv_heads}"),
+        ("kv", "a strided view", kv.is_contiguous(), "a contiguous pool"),
+        ("out", "a strided view", out.is_contiguous(), "a contiguous tensor"),
+        *((f"meta.{name}", t.dtype, t.dtype == torch.int32 and t.is_contiguous(), "contiguous torch.int32")
+          for name, t in (("block_tables", meta.block_tables), ("context_lens", meta.context_lens),
+                          ("query_start", meta.query_start))),
+    ]
+    for name, value, ok, allowed in problems:
+        if not ok:
+            raise ValueError(f"kernel=cpu: {name}={value} is not allowed: expected {allowed} (or kernel=torch_gather)")
+
+
 def attend_decodes(query: torch.Tensor, kv: torch.Tensor, meta: PagedMetadata, scale: float,
                    sliding_window: int | None, out: torch.Tensor) -> None:
     """Fill the rows of `out` (contiguous [T, H, D]) of every sequence with one new token, in one C call."""
-    _, _, block_size, kv_heads, dim = kv.shape
-    if dim % LANES or dim > MAX_HEAD_DIM or kv.dtype != torch.float32 or query.dtype != torch.float32 \
-            or kv.device.type != "cpu":
-        raise ValueError(f"kernel=cpu takes float32 heads of a multiple of {LANES} values up to {MAX_HEAD_DIM} on the "
-                         f"CPU, not {dim} in {kv.dtype} on {kv.device}; use kernel=torch_gather")
-    if query.stride(2) != 1 or query.stride(1) != query.shape[2]:
+    check_inputs(query, kv, meta, out)
+    if query.stride(2) != 1 or query.stride(1) != query.shape[2]:  # rows may be apart (a slice of q|k|v)
         query = query.contiguous()
-    tables, lens, starts = meta.block_tables, meta.context_lens, meta.query_start
-    if not (tables.is_contiguous() and lens.is_contiguous() and starts.is_contiguous()):
-        tables, lens, starts = tables.contiguous(), lens.contiguous(), starts.contiguous()
+    _, _, block_size, kv_heads, dim = kv.shape
+    tables, window = meta.block_tables, min(sliding_window or 0, 2**31 - 1)
     load_library().pagedlab_decode_f32(
         query.data_ptr(), query.stride(0), kv.data_ptr(), kv[1].data_ptr(), tables.data_ptr(), tables.stride(0),
-        lens.data_ptr(), starts.data_ptr(), meta.num_seqs, query.shape[1], kv_heads, dim, block_size,
-        sliding_window or 0, scale, out.data_ptr(), out.stride(0), torch.get_num_threads())
+        meta.context_lens.data_ptr(), meta.query_start.data_ptr(), meta.num_seqs, query.shape[1], kv_heads, dim,
+        block_size, window, scale, out.data_ptr(), out.stride(0), torch.get_num_threads())
 
 
 def attention(
@@ -163,13 +195,15 @@ class CpuKernel:
         not float32; a head size that is not a multiple of LANES up to MAX_HEAD_DIM."""
         if device.type != "cpu":
             return "it runs on the CPU only; use kernel=triton or kernel=torch_gather on a GPU"
-        if shutil.which(compiler()) is None:
-            return (f"it is compiled on first use and no C compiler {compiler()!r} was found (set CC); "
-                    "use kernel=torch_gather")
+        if shutil.which(compiler()[0]) is None:
+            return (f"it is compiled on first use and no C compiler {compiler()[0]!r} was found; expected one "
+                    "with OpenMP (GCC >= 12 or Clang with libomp; set CC), or use kernel=torch_gather")
         try:  # built here, once per machine, so that a compiler that cannot build it is refused before any work
             load_library()
-        except (RuntimeError, OSError) as exc:
-            return f"{exc}\nuse kernel=torch_gather, or set CC to a compiler with OpenMP (GCC >= 12 or Clang)"
+        except BuildError as exc:
+            return str(exc)
+        except OSError as exc:  # a built library that does not load
+            return f"its build could not be loaded ({exc}); use kernel=torch_gather"
         if dtype is not None and dtype != torch.float32:
             return "it computes in float32 only; use model.dtype=float32, or kernel=torch_gather"
         if spec is not None and (spec.head_dim % LANES or spec.head_dim > MAX_HEAD_DIM):

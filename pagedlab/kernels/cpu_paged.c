@@ -4,10 +4,10 @@
  * through ctypes with raw pointers; it knows nothing of Python or torch. One work item is one
  * (sequence, KV head): the query heads of its GQA group attend to the sequence's keys TILE at a time,
  * read in place through the block table (no key or value is copied), with an online softmax. Items are
- * shared among OpenMP threads (the OpenMP runtime torch loaded, so the same thread pool).
+ * shared among OpenMP threads, as many as the caller passes (torch's count).
  *
- * Vectors are GCC/Clang vector extensions of 16 floats (AVX-512 registers; two AVX registers
- * elsewhere): head_dim must be a multiple of 16. Sequences whose query is not exactly one token
+ * Vectors are GCC/Clang vector extensions of 16 floats (one AVX-512 register, two AVX2 ones, four SSE
+ * or NEON ones): head_dim must be a multiple of 16. Sequences whose query is not exactly one token
  * (prefills) are skipped: the caller attends to those.
  */
 #include <stdint.h>
