@@ -16,7 +16,7 @@
 #define LANES 16
 #define TILE LANES /* keys per step of the online softmax: one vector of scores */
 #define MAX_W 16  /* head_dim up to MAX_W * LANES = 256 */
-#define MAX_G 8   /* query heads per KV head attended together (more: in turns) */
+#define MAX_G 8   /* query heads per KV head attended together (more, or an odd count: in turns) */
 
 typedef float vec __attribute__((vector_size(LANES * sizeof(float))));
 typedef int32_t ivec __attribute__((vector_size(LANES * sizeof(int32_t))));
@@ -169,27 +169,27 @@ void pagedlab_decode_f32(const float *query, int64_t query_row_stride, const flo
         const int len = context_lens[s];
         const int lo = window > 0 && len > window ? len - window : 0;
         const int32_t *table = tables + (int64_t)s * table_stride;
-        for (int j0 = 0; j0 < group; j0 += MAX_G) { /* query heads of KV head h, MAX_G at a time */
-            const int heads = group - j0 < MAX_G ? group - j0 : MAX_G;
+        for (int j0 = 0; j0 < group;) { /* query heads of KV head h, in turns of 8, 4, 2 or 1 */
+            const int left = group - j0, heads = left >= 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1;
             const int64_t head = ((int64_t)h * group + j0) * head_dim;
             const float *q = query + query_start[s] * query_row_stride + head;
             float *o = out + query_start[s] * out_row_stride + head;
+            j0 += heads;
 #define ATTEND(G, W) attend_heads(q, o, k_pool, v_pool, table, lo, len, h, G, W, block_size, token_stride, scale)
-            switch (heads * 100 + w) { /* constants for the common shapes */
-                case 102: ATTEND(1, 2); break;
-                case 104: ATTEND(1, 4); break;
-                case 108: ATTEND(1, 8); break;
-                case 202: ATTEND(2, 2); break;
-                case 204: ATTEND(2, 4); break;
-                case 208: ATTEND(2, 8); break;
-                case 402: ATTEND(4, 2); break;
-                case 404: ATTEND(4, 4); break;
-                case 408: ATTEND(4, 8); break;
-                case 802: ATTEND(8, 2); break;
-                case 804: ATTEND(8, 4); break;
-                case 808: ATTEND(8, 8); break;
-                default: ATTEND(heads, w);
+#define BY_HEADS(W)                                                                                          \
+    switch (heads) {                                                                                         \
+        case 1: ATTEND(1, W); break;                                                                         \
+        case 2: ATTEND(2, W); break;                                                                         \
+        case 4: ATTEND(4, W); break;                                                                         \
+        default: ATTEND(8, W);                                                                               \
+    }
+            switch (w) { /* constants: the heads always, and the common head sizes (64, 128, 32) */
+                case 4: BY_HEADS(4); break;
+                case 8: BY_HEADS(8); break;
+                case 2: BY_HEADS(2); break;
+                default: BY_HEADS(w);
             }
+#undef BY_HEADS
 #undef ATTEND
         }
     }
