@@ -28,13 +28,15 @@ import shlex
 import shutil
 import subprocess
 import tempfile
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
+from pagedlab.kernels import torch_gather
 from pagedlab.kernels.metadata import PagedMetadata
-from pagedlab.kernels.torch_gather import attend_prefills, write_kv
+from pagedlab.kernels.torch_gather import write_kv
 
 if TYPE_CHECKING:
     from pagedlab.models.presets import ModelSpec
@@ -116,7 +118,8 @@ def load_library() -> ctypes.CDLL:
 
 
 def check_inputs(query: torch.Tensor, kv: torch.Tensor, meta: PagedMetadata, out: torch.Tensor) -> None:
-    """ValueError naming the first argument the C code could not read as it assumes (it takes raw pointers)."""
+    """ValueError naming the first argument the C code could not read as it assumes (it takes raw pointers).
+    The step's metadata is the same for every layer: it is checked once per step."""
     _, _, _, kv_heads, dim = kv.shape
     problems = [
         ("kv.device", kv.device.type, kv.device.type == "cpu", "cpu"),
@@ -127,18 +130,22 @@ def check_inputs(query: torch.Tensor, kv: torch.Tensor, meta: PagedMetadata, out
         ("query heads", query.shape[1], query.shape[1] % kv_heads == 0, f"a multiple of kv_heads={kv_heads}"),
         ("kv", "a strided view", kv.is_contiguous(), "a contiguous pool"),
         ("out", "a strided view", out.is_contiguous(), "a contiguous tensor"),
-        *((f"meta.{name}", t.dtype, t.dtype == torch.int32 and t.is_contiguous(), "contiguous torch.int32")
-          for name, t in (("block_tables", meta.block_tables), ("context_lens", meta.context_lens),
-                          ("query_start", meta.query_start))),
     ]
+    if "cpu_checked" not in meta.plans:
+        problems += [(f"meta.{name}", t.dtype, t.dtype == torch.int32 and t.is_contiguous(), "contiguous torch.int32")
+                     for name, t in (("block_tables", meta.block_tables), ("context_lens", meta.context_lens),
+                                     ("query_start", meta.query_start))]
     for name, value, ok, allowed in problems:
         if not ok:
             raise ValueError(f"kernel=cpu: {name}={value} is not allowed: expected {allowed} (or kernel=torch_gather)")
+    meta.plans["cpu_checked"] = True
 
 
 def attend_decodes(query: torch.Tensor, kv: torch.Tensor, meta: PagedMetadata, scale: float,
                    sliding_window: int | None, out: torch.Tensor) -> None:
     """Fill the rows of `out` (contiguous [T, H, D]) of every sequence with one new token, in one C call."""
+    if not meta.decode_seqs:
+        return
     check_inputs(query, kv, meta, out)
     if query.stride(2) != 1 or query.stride(1) != query.shape[2]:  # rows may be apart (a slice of q|k|v)
         query = query.contiguous()
@@ -150,23 +157,8 @@ def attend_decodes(query: torch.Tensor, kv: torch.Tensor, meta: PagedMetadata, s
         block_size, window, scale, out.data_ptr(), out.stride(0), torch.get_num_threads())
 
 
-def attention(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    kv: torch.Tensor,
-    meta: PagedMetadata,
-    scale: float,
-    sliding_window: int | None = None,
-) -> torch.Tensor:
-    """Write the step's K/V, then attend: decodes in C, prefills as torch_gather does. [T, H, D] -> [T, H, D]."""
-    write_kv(kv, key, value, meta)
-    out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
-    if meta.decode_seqs:
-        attend_decodes(query, kv, meta, scale, sliding_window, out)
-    if meta.prefill_seqs:
-        attend_prefills(query, key, value, kv, meta, scale, sliding_window, out)
-    return out
+# write the step's K/V, then attend: decodes in C, prefills as torch_gather does. [T, H, D] -> [T, H, D]
+attention = partial(torch_gather.attention, decodes=attend_decodes)
 
 
 class CpuKernel:

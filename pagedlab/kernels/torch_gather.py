@@ -26,6 +26,7 @@ and one call per sequence (its SDPA handles both without a score-matrix blow-up 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -254,11 +255,13 @@ def attention(
     meta: PagedMetadata,
     scale: float,
     sliding_window: int | None = None,
+    decodes: Callable[..., None] = attend_decodes,
 ) -> torch.Tensor:
-    """Write the step's K/V, then attend. query [T, H, D], key/value [T, kv_heads, D] -> [T, H, D]."""
+    """Write the step's K/V, then attend. query [T, H, D], key/value [T, kv_heads, D] -> [T, H, D].
+    `decodes` fills the rows of one-token sequences (kernel=cpu passes its C one); prefills are SDPA's."""
     write_kv(kv, key, value, meta)
     out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
-    attend_decodes(query, kv, meta, scale, sliding_window, out)
+    decodes(query, kv, meta, scale, sliding_window, out)
     attend_prefills(query, key, value, kv, meta, scale, sliding_window, out)
     return out
 
